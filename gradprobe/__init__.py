@@ -1,0 +1,1 @@
+"""gradprobe: where did my gradients go, and what is my autograd graph holding in memory?"""

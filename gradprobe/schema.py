@@ -1,0 +1,103 @@
+"""Column names and dtypes of every table, so that recording, saving and loading agree.
+
+Each table maps column -> pandas dtype. `str` columns hold None where missing,
+`Int64` (nullable) is used for sizes and counts that can be missing, `float64`
+for norms and times (NaN where missing), `object` for list-valued cells.
+The first columns of each table are the ones ../shared/API.md promises.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+STR = "str"
+INT = "int64"
+NINT = "Int64"
+FLOAT = "float64"
+BOOL = "bool"
+LIST = "object"
+
+TABLES: dict[str, dict[str, str]] = {
+    "params": {
+        "step": INT, "backward": INT, "param": STR, "module": STR, "status": STR,
+        "cause": STR, "site": STR, "grad_norm": FLOAT,
+        "grad_maxabs": FLOAT,  # max |g| of this backward's contribution
+        "arrival": FLOAT,  # order in which gradients arrived in this backward (NaN: none)
+        "numel": INT, "kind": STR,  # kind: parameter | leaf
+    },
+    "modules": {
+        "step": INT, "backward": INT, "module": STR, "status": STR, "grad_norm": FLOAT,
+        "saved_bytes": NINT,  # bytes its forward saved for this backward's graph (NA: memory not tracked)
+        "parent": STR, "depth": INT, "order": INT,  # order: first forward call, for plots
+        "n_params": INT,  # parameters (numel) directly and in children
+        "params_flow": INT, "params_zero": INT, "params_nonfinite": INT,
+        "params_none": INT, "params_frozen": INT,
+    },
+    "cuts": {
+        "step": INT, "kind": STR, "site": STR, "module": STR, "upstream": LIST,
+        "effective": BOOL,
+        "cut": INT,  # id of the cut, unique in the run
+        "op": STR,  # the torch function that cut (detach, argmax, item, ...)
+        "count": INT,  # times this site cut in this step (rows are one per step x site x kind)
+        "backward": NINT,  # first backward it was effective for
+    },
+    "saved": {
+        "step": INT, "module": STR, "op": STR, "nbytes": INT, "kind": STR, "freed_by": STR,
+    },
+    "backward": {
+        "step": INT, "backward": INT, "site": STR, "retain_graph": BOOL,
+        "saved_bytes": NINT, "retained_bytes": NINT,
+        "create_graph": BOOL,
+        "api": STR,  # tensor.backward / autograd.backward / autograd.grad
+        "t": FLOAT, "duration": FLOAT,
+        "params_flow": INT, "params_none": INT, "params_zero": INT,
+        "params_nonfinite": INT, "params_frozen": INT,
+        "error": STR,  # PyTorch's message when the backward raised
+    },
+    "memory": {
+        "t": FLOAT, "step": INT, "event": STR, "live_saved_bytes": INT,
+        "rss_bytes": NINT, "cuda_allocated_bytes": NINT,
+    },
+    "findings": {
+        "kind": STR, "severity": STR, "message": STR, "site": STR, "nbytes": NINT,
+        "step": NINT,
+        "params": LIST,  # parameters the finding is about
+    },
+}
+
+
+def empty(table: str) -> pd.DataFrame:
+    """An empty frame with the table's columns and dtypes."""
+    return frame(table, [])
+
+
+def frame(table: str, rows: list[dict] | dict[str, list]) -> pd.DataFrame:
+    """Build a table from records (list of dicts) or columns (dict of lists).
+
+    Columns missing from the records are filled with missing values; keys that
+    the schema does not name are an error, so that tables never drift apart.
+    """
+    spec = TABLES[table]
+    if isinstance(rows, dict):
+        data = rows
+        n = len(next(iter(rows.values()))) if rows else 0
+    else:
+        n = len(rows)
+        data = {c: [r.get(c) for r in rows] for c in spec}
+        extra = {k for r in rows for k in r} - set(spec)
+        if extra:
+            raise KeyError(f"table {table!r} has no column(s) {sorted(extra)}")
+    out = {}
+    for col, dtype in spec.items():
+        values = data.get(col)
+        if values is None:
+            values = [None] * n
+        if dtype == LIST:
+            out[col] = pd.Series([list(v) if v is not None else [] for v in values], dtype=object)
+        elif dtype == STR:
+            out[col] = pd.Series(values, dtype="str")
+        elif dtype == FLOAT:
+            out[col] = pd.Series(values, dtype="float64")
+        else:
+            out[col] = pd.Series(values, dtype=dtype)
+    return pd.DataFrame(out, index=pd.RangeIndex(n))
