@@ -53,6 +53,7 @@ TABLES: dict[str, dict[str, str]] = {
         "params_flow": INT, "params_none": INT, "params_zero": INT,
         "params_nonfinite": INT, "params_frozen": INT,
         "error": STR,  # PyTorch's message when the backward raised
+        "cut_kind": STR, "cut_site": STR,  # the cut its roots depend on (kind; description with site)
     },
     "memory": {
         "t": FLOAT, "step": INT, "event": STR, "live_saved_bytes": INT,

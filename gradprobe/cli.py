@@ -1,0 +1,134 @@
+"""Command line: `gradprobe demo`, `gradprobe report RUN`, `gradprobe summary RUN`.
+
+Expected failures (a missing or foreign run file, an unwritable path, an unknown demo) print
+one line to stderr and exit with status 2; progress goes to stderr so stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+
+def _demos() -> tuple[dict[str, str], str | None]:
+    """(name -> description, default name) from the gradprobe_demos package, or ({}, None)."""
+    try:
+        demos = importlib.import_module("gradprobe_demos")
+    except ImportError:
+        return {}, None
+    return dict(getattr(demos, "DEMOS", {})), getattr(demos, "DEFAULT", None)
+
+
+def _demo_list(demos: dict[str, str], default: str | None) -> str:
+    if not demos:
+        return "no demos installed (the gradprobe_demos package is missing)"
+    width = max(map(len, demos))
+    return "demos:\n" + "\n".join(
+        f"  {n:<{width}}  {d}{'  (default)' if n == default else ''}" for n, d in demos.items())
+
+
+def _progress(msg: str) -> None:
+    print(f"gradprobe: {msg}", file=sys.stderr, flush=True)
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+class DemoFailed(RuntimeError):
+    """A demo raised: a bug, shown with its traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    demos, default = _demos()
+    p = argparse.ArgumentParser(
+        prog="gradprobe",
+        description="Where did my gradients go, and what is my autograd graph holding in memory?",
+        epilog="Run 'gradprobe COMMAND --help' for a command's options.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser("demo", help="run a demo training loop and write its HTML report",
+                       description="Run one of the bundled demos under a gradprobe.Probe and write its report.",
+                       epilog=_demo_list(demos, default), formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("name", nargs="?", default=default, metavar="NAME",
+                   help=f"which demo (default: {default or 'none installed'}); see the list below")
+    d.add_argument("-o", "--output", default="report.html", metavar="HTML",
+                   help="where to write the report (default: report.html)")
+    d.add_argument("--save", metavar="RUN", help="also save the recorded run to this file (e.g. demo.gprobe)")
+    d.add_argument("--list", action="store_true", help="list the demos and exit")
+    r = sub.add_parser("report", help="write the HTML report of a saved run",
+                       description="Write the self-contained HTML report of a run saved with probe.save().")
+    r.add_argument("run", metavar="RUN", help="a run file written by probe.save()")
+    r.add_argument("-o", "--output", metavar="HTML", help="where to write the report (default: RUN with .html)")
+    s = sub.add_parser("summary", help="print the plain-text summary of a saved run",
+                       description="Print the summary and findings of a run saved with probe.save().")
+    s.add_argument("run", metavar="RUN", help="a run file written by probe.save()")
+    return p
+
+
+def _cmd_demo(args) -> int:
+    demos, default = _demos()
+    if args.list:
+        print(_demo_list(demos, default))
+        return 0
+    if not demos:
+        raise UsageError("no demos installed: the gradprobe_demos package cannot be imported "
+                         "(install gradprobe from its source tree with 'pip install -e .')")
+    if args.name not in demos:
+        raise UsageError(f"unknown demo {args.name!r}; choose one of: {', '.join(demos)}")
+    from .runfile import writable_path
+    writable_path(args.output, "report", "report.html")  # fail before training, not after
+    if args.save:
+        writable_path(args.save, "run", "run.gprobe")
+    _progress(f"running demo {args.name!r}: {demos[args.name]}")
+    t0 = time.perf_counter()
+    try:
+        probe = importlib.import_module(f"gradprobe_demos.{args.name}").main()
+    except Exception as e:  # a crashing demo is a bug: keep its traceback (main() does not catch this)
+        raise DemoFailed(f"demo {args.name!r} failed") from e
+    _progress(f"demo finished in {time.perf_counter() - t0:.1f}s; writing report")
+    if args.save:
+        _progress(f"run saved to {probe.save(args.save)}")
+    _progress(f"report written to {probe.report(args.output)}")
+    return 0
+
+
+def _load(path: str):
+    from .runfile import load
+    return load(path)
+
+
+def _cmd_report(args) -> int:
+    from .runfile import writable_path
+    out = args.output or str(Path(args.run).with_suffix(".html"))
+    writable_path(out, "report", "report.html")
+    run = _load(args.run)
+    _progress(f"writing report of {args.run}")
+    _progress(f"report written to {run.report(out)}")
+    return 0
+
+
+def _cmd_summary(args) -> int:
+    from .report import summary_text  # falls back to a short summary if gradprobe.summary is missing
+    run = _load(args.run)
+    print(summary_text(run.to_pandas(), run.meta))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return {"demo": _cmd_demo, "report": _cmd_report, "summary": _cmd_summary}[args.command](args)
+    except (UsageError, OSError, ValueError) as e:  # RunFileError and FileNotFoundError included
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"gradprobe {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradprobe: interrupted", file=sys.stderr)
+        return 130

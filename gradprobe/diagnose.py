@@ -1,0 +1,116 @@
+"""Diagnosis rules: tables in, findings table out. Pure pandas, never touches torch."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .finding import sort_findings
+from .schema import frame
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """Rows as dicts with missing values as None (pandas gives NaN for a missing str)."""
+    return [{k: (None if not isinstance(v, (list, str)) and pd.isna(v) else v) for k, v in r.items()}
+            for r in df.to_dict("records")]
+
+
+def _names(params: list[str], shown: int = 1) -> str:
+    head = ", ".join(f"`{p}`" for p in params[:shown])
+    more = len(params) - shown
+    return head + (f" and {more} more" if more > 0 else "")
+
+
+def _backwards(bws: list[int]) -> str:
+    bws = sorted(set(bws))
+    if len(bws) == 1:
+        return f"backward {bws[0]}"
+    if len(bws) <= 4:
+        return "backwards " + ", ".join(map(str, bws))
+    return f"{len(bws)} backwards ({bws[0]}..{bws[-1]})"
+
+
+_CAUSE_TEXT = {
+    "not_in_graph": "their module ran in forward but nothing of it reached the loss",
+    "not_used": "their module never ran in forward",
+}
+
+
+def gradient_findings(tables: dict) -> list[dict]:
+    params, cuts, backward = tables["params"], tables["cuts"], tables["backward"]
+    rows: list[dict] = []
+    # backward refused by PyTorch because its root does not require grad
+    for r in records(backward[backward["error"].notna()]):
+        why = (f" The loss was cut off from the graph by {r['cut_site']}." if r.get("cut_site")
+               else "")
+        rows.append({"kind": "backward_error", "severity": "error", "step": r["step"],
+                     "site": r["site"], "params": [],
+                     "message": f"backward {r['backward']} at {r['site']} failed: {r['error'].splitlines()[0]}."
+                                f"{why}"})
+    if params.empty:
+        return rows
+    got = set(params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"])
+    none = params[params["status"] == "none"]
+    for (cause, where), g in none.groupby(["cause", "site"], dropna=False, sort=False):
+        names = list(dict.fromkeys(g["param"]))
+        never = [n for n in names if n not in got]
+        severity = "error" if never else "info"
+        cause = None if pd.isna(cause) else cause
+        where = None if pd.isna(where) else where
+        if cause in _CAUSE_TEXT:
+            why = _CAUSE_TEXT[cause]
+        else:
+            desc = cuts.loc[(cuts["site"] == where) & (cuts["kind"].map(_kind_cause) == cause)]
+            module = desc["module"].dropna()
+            why = f"flow stopped by {_CAUSE_LABEL.get(cause, cause)} at {where}" + (
+                f" (in {module.iloc[0] or 'the root module'}.forward)" if len(module) else "")
+        tail = "" if never else " They received gradients in other backward calls, so this looks deliberate."
+        rows.append({"kind": "no_gradient", "severity": severity, "site": where,
+                     "step": int(g["step"].min()), "params": names,
+                     "message": f"{_names(names)} received no gradient in {_backwards(g['backward'].tolist())}: "
+                                f"{why}.{tail}"})
+    none_params = set(none["param"])
+    effective = cuts[cuts["effective"]]
+    for (kind, where), g in effective.groupby(["kind", "site"], dropna=False, sort=False):
+        r = records(g)[0]
+        cut_off = list(dict.fromkeys(p for ups in g["upstream"] for p in ups if p in none_params))
+        deliberate = all(p in got for p in cut_off)
+        steps = sorted(set(g["step"]))
+        when = f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps ({steps[0]}..{steps[-1]})"
+        rows.append({"kind": "detach_cut", "severity": "info" if deliberate else "warning",
+                     "site": r["site"], "step": steps[0], "params": cut_off,
+                     "message": f"{_CAUSE_LABEL.get(_kind_cause(kind), kind)} at {r['site']}"
+                                f"{' (in ' + r['module'] + ')' if r['module'] else ''} stopped gradient flow to "
+                                f"{_names(cut_off, 2)} in {when}."
+                                + (" Those parameters got gradients from another backward, as in a GAN's "
+                                   "discriminator step: fine if intended." if deliberate else
+                                   " Nothing else gave them a gradient: if they should train, remove the cut.")})
+    bad = params[params["status"] == "nonfinite"]
+    if not bad.empty:
+        first = bad.sort_values(["backward", "arrival"]).iloc[0]
+        n = bad.loc[bad["backward"] == first["backward"], "param"].nunique()
+        rows.append({"kind": "nonfinite_grad", "severity": "error", "site": None, "step": int(first["step"]),
+                     "params": [first["param"]],
+                     "message": f"NaN/Inf gradient first appeared at `{first['param']}` in backward "
+                                f"{first['backward']} (step {first['step']}), {n} parameter(s) affected; "
+                                f"the layers nearest the loss get gradients first, so look there."})
+    return rows
+
+
+_CAUSE_LABEL = {"detach": ".detach()", "data": ".data", "no_grad": "torch.no_grad()/inference_mode",
+                "non_differentiable": "a non-differentiable op", "to_python": "a conversion to Python",
+                "requires_grad_false": "requires_grad_(False)"}
+
+
+def _kind_cause(kind: str) -> str:
+    return "detach" if kind == "detach_" else kind
+
+
+def diagnose(tables: dict) -> pd.DataFrame:
+    rows = gradient_findings(tables)
+    try:
+        from .memdiag import memory_findings
+    except ImportError:
+        memory_findings = None
+    if memory_findings is not None:
+        rows += memory_findings(tables)
+    return sort_findings(frame("findings", rows))

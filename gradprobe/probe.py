@@ -1,0 +1,490 @@
+"""The Probe: installs the collectors around a training loop and removes them all on exit.
+
+Collectors append plain records to a Store; `to_pandas()` turns the store into
+tables and runs the diagnosis rules. The probe holds names, numbers and weak
+references only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import platform
+import time
+import warnings
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from . import __version__
+from .cuts import CutLog
+from .flow import BackwardCall, Flow, rollup, status_of
+from .run import RunView
+from .sites import site
+from .store import Store
+from .targets import Targets
+
+TRACKS = ("grads", "cuts", "memory")
+_CUT_CAUSE = {"detach": "detach", "detach_": "detach", "data": "data", "no_grad": "no_grad",
+              "non_differentiable": "non_differentiable", "to_python": "to_python",
+              "requires_grad_false": "requires_grad_false"}
+
+
+class Probe(RunView):
+    """Record gradient flow, cuts and autograd memory around a training loop.
+
+    `model`: an nn.Module, a dict of name -> nn.Module, or None (observe every module
+    and every leaf tensor a backward reaches). `track`: which collectors run, any of
+    "grads", "cuts", "memory" (default all). `every`: record per-step detail
+    (params/modules rows) every N steps; backward totals are recorded every step.
+    """
+
+    _active: "Probe | None" = None
+
+    def __init__(self, model=None, *, track=TRACKS, every: int = 1) -> None:
+        if isinstance(track, str):
+            track = (track,)
+        track = tuple(track)
+        bad = [t for t in track if t not in TRACKS]
+        if bad:
+            raise ValueError(f"gradprobe.Probe: unknown track {bad}; choose from {list(TRACKS)}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"gradprobe.Probe: every must be a positive int, got {every!r}")
+        self.track = track
+        self.every = every
+        self.depth = 0
+        self.targets = Targets()
+        self.targets.on_new = self._on_new_tracked
+        self.discover = model is None
+        if isinstance(model, torch.nn.Module):
+            self.targets.add_root("", model)
+        elif isinstance(model, dict):
+            for k, m in model.items():
+                if not isinstance(k, str) or not isinstance(m, torch.nn.Module):
+                    raise TypeError("gradprobe.Probe: a dict model must map str names to nn.Module, "
+                                    f"got {type(k).__name__} -> {type(m).__name__}")
+                self.targets.add_root(k, m)
+        elif model is not None:
+            raise TypeError(f"gradprobe.Probe: model must be an nn.Module, a dict of name -> nn.Module "
+                            f"or None, got {type(model).__name__}")
+        self.store = Store()
+        self.cutlog = CutLog()
+        self.flow = Flow(self)
+        self.mode = None
+        self.memory = None
+        self.step_idx = 0
+        self.n_backward = 0
+        self.boundary = "optimizer"  # optimizer < decorator < explicit
+        self.pending = False  # an optimizer.step() ended the step; applied at the next activity
+        self.active_step = False  # something happened in the current step
+        self.ran: set[str] = set()  # modules whose forward ran in this step
+        self.stack: list = []  # ModuleInfo of forwards running now
+        self.quiet = 0  # >0: inside backward, optimizer.step or our own work
+        self.current_bw: BackwardCall | None = None
+        self._handles: list = []
+        self._orig: dict = {}
+        self._cache = (None, None)
+        self.t0 = time.perf_counter()
+        self.meta = {
+            "format": "gradprobe-run", "gradprobe_version": __version__, "torch_version": torch.__version__,
+            "python": platform.python_version(), "device": "cpu", "track": list(track), "every": every,
+            "model": self._model_summary(model),
+        }
+
+    @staticmethod
+    def _model_summary(model) -> str:
+        if model is None:
+            return "None (every module and leaf reached)"
+        models = model if isinstance(model, dict) else {"": model}
+        return "; ".join(f"{k + ': ' if k else ''}{type(m).__name__} "
+                         f"({sum(p.numel() for p in m.parameters()):,} parameters)" for k, m in models.items())
+
+    # --- public -------------------------------------------------------------
+    def watch(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Name a leaf tensor that belongs to no module, and observe its gradient."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"probe.watch: expected a torch.Tensor, got {type(tensor).__name__}")
+        if not isinstance(name, str):
+            raise TypeError(f"probe.watch: name must be a str, got {type(name).__name__}")
+        t = self.targets.by_tensor.get(tensor)
+        if t is not None:
+            t.name = name
+        else:
+            self.targets.leaf_names[tensor] = name
+            self.targets.track(tensor, name, None, "leaf")
+        return tensor
+
+    def step(self) -> None:
+        """Explicit step boundary (from then on, optimizer steps no longer end steps)."""
+        self.boundary = "explicit"
+        self.pending = False
+        self._end_step()
+
+    def __call__(self, fn):
+        """Decorator: every call of `fn` is one step."""
+        if not callable(fn):
+            raise TypeError(f"gradprobe.Probe(...) decorates a function, got {type(fn).__name__}")
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with self:
+                if self.boundary == "optimizer":
+                    self.boundary = "decorator"
+                    self.pending = False
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    if self.boundary == "decorator":
+                        self._end_step()
+
+        wrapper.probe = self
+        return wrapper
+
+    def __enter__(self) -> "Probe":
+        if self.depth == 0:
+            other = Probe._active
+            if other is not None and other is not self:
+                raise RuntimeError("gradprobe: another Probe is already active; one probe at a time can "
+                                   "observe a process. Leave the first one's `with` block first, or give one "
+                                   "Probe all models as a dict, e.g. gp.Probe({'G': G, 'D': D}).")
+            self._install()
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self._remove()
+        return None
+
+    # --- install / remove ----------------------------------------------------
+    def _install(self) -> None:
+        Probe._active = self
+        try:
+            for t in self.targets.tracked:
+                if "grads" in self.track:
+                    self.flow.hook_tensor(t)
+            nn = torch.nn.modules.module
+            self._handles += [
+                nn.register_module_forward_pre_hook(self._forward_pre),
+                nn.register_module_forward_hook(self._forward_post, always_call=True),
+                register_optimizer_step_pre_hook(self._optimizer_pre),
+                register_optimizer_step_post_hook(self._optimizer_post),
+            ]
+            self._orig = {"backward": torch.autograd.backward, "grad": torch.autograd.grad}
+            torch.autograd.backward = self._patched_backward
+            torch.autograd.grad = self._patched_grad
+            if "memory" in self.track:
+                from .memory import MemoryCollector
+                if self.memory is None:
+                    self.memory = MemoryCollector(self)
+                self.memory.install()
+            if "cuts" in self.track:
+                self.mode = ProbeMode(self)
+                self.mode.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+
+    def _remove(self) -> None:
+        """Undo everything _install did; safe to call on a partial install."""
+        try:
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                self.mode_tags = None
+                self.mode = None
+        finally:
+            if self._orig:
+                if torch.autograd.backward is self._patched_backward:
+                    torch.autograd.backward = self._orig["backward"]
+                if torch.autograd.grad is self._patched_grad:
+                    torch.autograd.grad = self._orig["grad"]
+                self._orig = {}
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self.flow.remove()
+            if self.memory is not None:
+                self.memory.remove()
+            self.stack.clear()
+            self.quiet = 0
+            self.current_bw = None
+            if self.active_step and self.boundary != "decorator":
+                pass  # the step under way stays open: a later `with probe:` continues it
+            Probe._active = None
+
+    # --- step boundaries -----------------------------------------------------
+    def _touch(self) -> None:
+        """Activity in the current step; applies a pending optimizer boundary first."""
+        if self.pending:
+            self.pending = False
+            self._end_step()
+        self.active_step = True
+
+    def _end_step(self) -> None:
+        if not self.active_step:
+            return
+        if self.memory is not None:
+            self.memory.end_step(self.step_idx)
+        self.cutlog.end_step()
+        self.ran.clear()
+        self.step_idx += 1
+        self.active_step = False
+
+    def _optimizer_pre(self, opt, args, kwargs) -> None:
+        self.quiet += 1
+
+    def _optimizer_post(self, opt, args, kwargs) -> None:
+        self.quiet = max(0, self.quiet - 1)
+        if self.boundary == "optimizer" and self.active_step:
+            self.pending = True
+
+    # --- module hooks --------------------------------------------------------
+    def _forward_pre(self, module, args) -> None:
+        if self.quiet:
+            return
+        info = self.targets.module_of.get(module)
+        if info is None:
+            if not (self.discover and not self.stack):
+                return
+            self.targets.discover(module)
+            info = self.targets.module_of[module]
+        self._touch()
+        self.stack.append(info)
+        self.ran.add(info.name)
+
+    def _forward_post(self, module, args, out) -> None:
+        if not self.stack or self.stack[-1].ref() is not module:
+            return
+        info = self.stack.pop()
+        if "grads" in self.track and self.step_idx % self.every == 0 and torch.is_grad_enabled():
+            self.flow.hook_output(info, out)
+
+    def current_module(self) -> str | None:
+        return self.stack[-1].name if self.stack else None
+
+    def _on_new_tracked(self, tracked) -> None:
+        if self.depth > 0 and "grads" in self.track:
+            self.flow.hook_tensor(tracked)
+
+    # --- cuts ----------------------------------------------------------------
+    def record_cut(self, kind, op, where, upstream):
+        self._touch()
+        return self.cutlog.record(self.step_idx, kind, op, where, self.current_module(), upstream)
+
+    # --- backward ------------------------------------------------------------
+    def _patched_backward(self, *args, **kwargs):
+        fn = self._orig["backward"]
+        bound = _bind(fn, args, kwargs)
+        roots = bound.get("tensors")
+        caller = inspect.currentframe().f_back
+        api = "tensor.backward" if caller and caller.f_code is torch.Tensor.backward.__code__ else "autograd.backward"
+        create = bool(bound.get("create_graph", False))
+        retain = bound.get("retain_graph")
+        return self._run_backward(fn, args, kwargs, api, roots, bound.get("inputs"),
+                                  create if retain is None else bool(retain), create)
+
+    def _patched_grad(self, *args, **kwargs):
+        fn = self._orig["grad"]
+        bound = _bind(fn, args, kwargs)
+        create = bool(bound.get("create_graph", False))
+        retain = bound.get("retain_graph")
+        return self._run_backward(fn, args, kwargs, "autograd.grad", bound.get("outputs"), bound.get("inputs"),
+                                  create if retain is None else bool(retain), create)
+
+    def _run_backward(self, fn, args, kwargs, api, roots, inputs, retain, create):
+        if self.quiet or self.current_bw is not None or Probe._active is not self:
+            return fn(*args, **kwargs)  # nested (reentrant checkpoint), inside optimizer, or stale patch
+        self._touch()
+        roots = [roots] if isinstance(roots, torch.Tensor) else [r for r in (roots or ()) if
+                                                                  isinstance(r, torch.Tensor)]
+        bw = BackwardCall(self.n_backward, self.step_idx, site(3), api, retain, create,
+                          self.step_idx % self.every == 0)
+        self.n_backward += 1
+        try:
+            self._begin_backward(bw, roots, inputs)
+        except Exception as e:  # never break training because of the probe
+            warnings.warn(f"gradprobe: could not prepare backward {bw.index}: {e!r}")
+        self.current_bw = bw
+        self.quiet += 1
+        bw.t = time.perf_counter() - self.t0
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            bw.error = str(e)
+            raise
+        finally:
+            bw.duration = time.perf_counter() - self.t0 - bw.t
+            self.quiet -= 1
+            self.current_bw = None
+            try:
+                self._finish_backward(bw, roots)
+            except Exception as e:
+                warnings.warn(f"gradprobe: could not record backward {bw.index}: {e!r}")
+
+    def _begin_backward(self, bw, roots, inputs) -> None:
+        self.quiet += 1
+        try:
+            if self.mode is not None:
+                bw.root_tags = self.mode.tags_of(roots)
+            if inputs is not None:
+                inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+                bw.considered = [self.targets.track_leaf(t).index if self.discover
+                                 else self.targets.by_tensor[t].index
+                                 for t in inputs if self.discover or t in self.targets.by_tensor]
+            elif bw.api == "autograd.grad":
+                bw.considered = []
+            if self.discover:
+                for leaf in _graph_leaves(roots):
+                    self.targets.track_leaf(leaf)
+            if self.memory is not None:
+                self.memory.begin_backward(bw, roots)
+        finally:
+            self.quiet -= 1
+
+    def _finish_backward(self, bw, roots) -> None:
+        self.quiet += 1
+        try:
+            stats, outs = self.flow.measure(bw) if "grads" in self.track else ({}, {})
+            tracked = self.targets.tracked
+            indices = range(len(tracked)) if bw.considered is None else bw.considered
+            rows = {c: [] for c in ("param", "module", "status", "cause", "site", "grad_norm",
+                                    "grad_maxabs", "arrival", "numel", "kind")}
+            arrival = {i: k for k, i in enumerate(dict.fromkeys(bw.arrived))}
+            status_by_index = {}
+            none = []
+            for i in indices:
+                t = tracked[i]
+                tensor = t.ref()
+                if tensor is None:
+                    continue
+                s = status_of(stats.get(i), tensor.requires_grad)
+                status_by_index[i] = s
+                if s == "none":
+                    none.append(i)
+            causes = self._explain(bw, none)
+            if bw.detail:
+                for i, s in status_by_index.items():
+                    t = tracked[i]
+                    norm, mx = stats.get(i, (math.nan, math.nan))
+                    cause, where = causes.get(i, (None, None))
+                    for c, v in (("param", t.name), ("module", t.module), ("status", s), ("cause", cause),
+                                 ("site", where), ("grad_norm", norm), ("grad_maxabs", mx),
+                                 ("arrival", arrival.get(i, math.nan)), ("numel", t.numel),
+                                 ("kind", t.kind)):
+                        rows[c].append(v)
+                self.store.extend("params", len(rows["param"]), step=bw.step, backward=bw.index, **rows)
+                self._module_rows(bw, status_by_index, outs)
+            counts = {s: 0 for s in ("flow", "none", "zero", "nonfinite", "frozen")}
+            for s in status_by_index.values():
+                counts[s] += 1
+            root_cut = self._root_cut(bw)
+            self.store.add("backward", step=bw.step, backward=bw.index, site=bw.site,
+                           retain_graph=bw.retain_graph, create_graph=bw.create_graph, api=bw.api,
+                           t=bw.t, duration=bw.duration, error=bw.error,
+                           cut_kind=root_cut.kind if root_cut else None,
+                           cut_site=root_cut.describe() if root_cut else None,
+                           **{f"params_{k}": v for k, v in counts.items()})
+            if self.memory is not None:
+                self.memory.end_backward(bw)
+        finally:
+            self.quiet -= 1
+
+    def _root_cut(self, bw):
+        """The cut the backward's roots depend on (the first), if any."""
+        if not bw.root_tags:
+            return None
+        return self.cutlog.cuts[min(bw.root_tags)]
+
+    def _explain(self, bw, none: list[int]) -> dict:
+        """index -> (cause, site) for tracked tensors that got no gradient in this backward."""
+        if not none:
+            return {}
+        tracked = self.targets.tracked
+        out = {}
+        root_cuts = [self.cutlog.cuts[c] for c in sorted(bw.root_tags)]
+        step_cuts = self.cutlog.current
+        for i in none:
+            name = tracked[i].name
+            for cut in root_cuts:
+                if name in cut.upstream:
+                    cut.effective = True
+                    if cut.backward is None:
+                        cut.backward = bw.index
+                    out[i] = (_CUT_CAUSE[cut.kind], cut.site)
+                    break
+            else:
+                for cut in step_cuts:
+                    if name in cut.upstream:
+                        out[i] = (_CUT_CAUSE[cut.kind], cut.site)
+                        break
+                else:
+                    module = tracked[i].module
+                    ran = module is None or module in self.ran or any(
+                        m.startswith(module + ".") for m in self.ran)
+                    out[i] = ("not_in_graph" if ran else "not_used", None)
+        return out
+
+    def _module_rows(self, bw, status_by_index, outs) -> None:
+        cols = {c: [] for c in ("module", "status", "grad_norm", "parent", "depth", "order", "n_params",
+                                "params_flow", "params_zero", "params_nonfinite", "params_none",
+                                "params_frozen")}
+        for info in self.targets.modules:
+            statuses = [status_by_index[i] for i in info.params if i in status_by_index]
+            norm = outs.get(info, math.nan)
+            if statuses:
+                status = rollup(statuses)
+            elif info.params:
+                continue  # not part of this backward (autograd.grad on other inputs)
+            else:
+                status = "none" if math.isnan(norm) else status_of((norm, norm), True)
+            row = {"module": info.name, "status": status, "grad_norm": norm, "parent": info.parent,
+                   "depth": info.depth, "order": info.order, "n_params": info.n_params}
+            for s in ("flow", "zero", "nonfinite", "none", "frozen"):
+                row[f"params_{s}"] = statuses.count(s)
+            for c, v in row.items():
+                cols[c].append(v)
+        self.store.extend("modules", len(cols["module"]), step=bw.step, backward=bw.index, **cols)
+
+    # --- tables ---------------------------------------------------------------
+    def to_pandas(self) -> dict:
+        """Every table (see API.md), with findings diagnosed from them."""
+        key = (self.store.version, len(self.cutlog.cuts), sum(c.count for c in self.cutlog.cuts))
+        if self._cache[0] == key:
+            return {k: v.copy() for k, v in self._cache[1].items()}
+        from .diagnose import diagnose
+        from .schema import frame
+        tables = {t: self.store.frame(t) for t in self.store.cols if t != "findings"}
+        order = {t.name: t.index for t in self.targets.tracked}
+        tables["cuts"] = frame("cuts", [c.row(order) for c in self.cutlog.cuts])
+        if self.memory is not None:
+            self.memory.fill_tables(tables)
+        tables["findings"] = diagnose(tables)
+        self._cache = (key, tables)
+        return {k: v.copy() for k, v in tables.items()}
+
+
+def _bind(fn, args, kwargs) -> dict:
+    try:
+        return inspect.signature(fn).bind(*args, **kwargs).arguments
+    except TypeError:
+        return {}
+
+
+def _graph_leaves(roots):
+    """Leaf tensors (AccumulateGrad.variable) reachable from the roots."""
+    seen, stack, leaves = set(), [r.grad_fn for r in roots if r.grad_fn is not None], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            leaves.append(var)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
+from .mode import ProbeMode  # noqa: E402  (mode imports nothing from here at import time)

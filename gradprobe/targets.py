@@ -1,0 +1,105 @@
+"""What a probe observes: named modules and named trainable tensors.
+
+Holds names, numbers and weak references only, so the probe keeps no tensor alive.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+class Tracked:
+    """One observed leaf tensor (a parameter or a loose/watched leaf)."""
+
+    __slots__ = ("index", "name", "module", "ref", "numel", "kind")
+
+    def __init__(self, index, name, module, tensor, kind):
+        self.index, self.name, self.module, self.kind = index, name, module, kind
+        self.ref = weakref.ref(tensor)
+        self.numel = tensor.numel()
+
+
+class ModuleInfo:
+    __slots__ = ("name", "parent", "depth", "order", "n_params", "params", "ref")
+
+    def __init__(self, name, parent, depth, order, module):
+        self.name, self.parent, self.depth, self.order = name, parent, depth, order
+        self.ref = weakref.ref(module)
+        self.params: list[int] = []  # indices of Tracked directly or in children
+        self.n_params = 0
+
+
+class Targets:
+    """Names for modules and leaves; `by_tensor` maps a live tensor to its Tracked entry."""
+
+    def __init__(self) -> None:
+        self.tracked: list[Tracked] = []
+        self.by_tensor = WeakIdKeyDictionary()
+        self.modules: list[ModuleInfo] = []
+        self.module_of = WeakIdKeyDictionary()  # nn.Module -> ModuleInfo
+        self.roots: dict[str, torch.nn.Module] = {}  # explicit roots given by the user
+        self.leaf_names = WeakIdKeyDictionary()  # leaf tensor -> tensor@FILE:LINE
+        self._anonymous = 0
+        self._classes: dict[str, int] = {}
+        self.on_new = None  # callback(Tracked) when a tensor starts being tracked
+
+    def add_root(self, prefix: str, module: torch.nn.Module) -> None:
+        """Register a model and all its sub-modules and parameters under `prefix`."""
+        if module in self.module_of:
+            return
+        def full(qual):
+            return ".".join(p for p in (prefix, qual) if p)
+
+        infos = []
+        for qual, sub in module.named_modules(remove_duplicate=True):
+            if sub in self.module_of:
+                continue
+            parent = full(qual.rpartition(".")[0]) if qual else None
+            info = ModuleInfo(full(qual), parent, qual.count(".") + 1 if qual else 0, len(self.modules), sub)
+            self.modules.append(info)
+            self.module_of[sub] = info
+            infos.append((qual, info))
+        for qual, p in module.named_parameters(remove_duplicate=True):
+            owner = qual.rpartition(".")[0]
+            t = self.track(p, full(qual), full(owner), "parameter")
+            for mqual, info in infos:
+                if mqual == "" or owner == mqual or owner.startswith(mqual + "."):
+                    info.params.append(t.index)
+                    info.n_params += t.numel
+        self.roots[prefix] = module
+
+    def discover(self, module: torch.nn.Module) -> None:
+        """model=None: a top-level module seen running, named after its class."""
+        cls = type(module).__name__
+        k = self._classes.get(cls, 0) + 1
+        self._classes[cls] = k
+        self.add_root(cls if k == 1 else f"{cls}#{k}", module)
+
+    def track(self, tensor: torch.Tensor, name: str, module: str | None, kind: str) -> Tracked:
+        t = self.by_tensor.get(tensor)
+        if t is not None:
+            return t
+        t = Tracked(len(self.tracked), name, module, tensor, kind)
+        self.tracked.append(t)
+        self.by_tensor[tensor] = t
+        if self.on_new is not None:
+            self.on_new(t)
+        return t
+
+    def name_of(self, tensor: torch.Tensor) -> str:
+        """The name of any leaf: tracked name, else tensor@FILE:LINE, else tensor#N."""
+        t = self.by_tensor.get(tensor)
+        if t is not None:
+            return t.name
+        name = self.leaf_names.get(tensor)
+        if name is None:
+            self._anonymous += 1
+            name = f"tensor#{self._anonymous}"
+            self.leaf_names[tensor] = name
+        return name
+
+    def track_leaf(self, tensor: torch.Tensor) -> Tracked:
+        return self.track(tensor, self.name_of(tensor), None, "leaf")
