@@ -26,6 +26,7 @@ KIND_COLOUR = {"activation": "#457b9d", "parameter": "#2a9d8f", "input": "#f4a26
 SEVERITY_STYLE = {"error": ("#d62828", "x"), "warning": ("#f4a261", "triangle-up"), "info": ("#457b9d", "circle")}
 MAX_COLUMNS = 500  # heatmap columns (steps) before binning
 MAX_POINTS = 2000  # points per timeline trace before binning
+ALL = "(all models)"  # root node added when a backward spans several top-level modules
 MAX_PANELS = 4  # backward panels in the branches figure
 TEMPLATE = "plotly_white"
 
@@ -68,11 +69,17 @@ def _note(title: str, text: str) -> go.Figure:
     return fig
 
 
-def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
+def _layout(fig: go.Figure, title: str, height: int, legend_top: bool = False) -> go.Figure:
+    """Common look; the legend goes on top only where no subplot titles could collide with it."""
+    legend = (dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1) if legend_top
+              else dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01))
     fig.update_layout(title=dict(text=title, x=0.01), template=TEMPLATE, height=height,
-                      margin=dict(l=60, r=30, t=70, b=60),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+                      margin=dict(l=60, r=30, t=80, b=60), legend=legend)
     return fig
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _flow_norms(params: pd.DataFrame) -> np.ndarray:
@@ -125,7 +132,7 @@ def flow_by_layer(params: pd.DataFrame) -> go.Figure:
                      categoryarray=[STATUS_STYLE[s][0] for s in strip])
     fig.update_xaxes(tickangle=-50, automargin=True, row=2, col=1)
     return _layout(fig, title + " — norms over backwards with flow; other statuses in the strip below",
-                   height=620)
+                   height=620, legend_top=True)
 
 
 def flow_over_time(params: pd.DataFrame) -> go.Figure:
@@ -159,8 +166,8 @@ def flow_over_time(params: pd.DataFrame) -> go.Figure:
                                  hovertemplate="%{y}<br>step %{x}: NaN/Inf gradient<extra></extra>"))
     binned = f"binned: {per} steps per column, max" if per > 1 else "one column per step"
     fig.update_yaxes(autorange="reversed", automargin=True)
-    fig.update_xaxes(title_text="step")
-    return _layout(fig, f"{title} (log10, max over backwards; {binned}); blank = no gradient",
+    fig.update_xaxes(title_text="step", dtick=per if ncol <= 20 else None)
+    return _layout(fig, f"{title} (log10, max over backwards; {binned}); blank = no or zero gradient",
                    height=min(1400, max(360, 16 * k + 160)))
 
 
@@ -176,6 +183,12 @@ def _tree_nodes(sub: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray, st
     known = set(ids)
     parents = [p if p in known else "" for p in parents]
     values = sub["n_params"].fillna(0).to_numpy(dtype=float)
+    tops = [i for i, p in enumerate(parents) if p == ""]
+    if len(tops) > 1:  # several models (e.g. {"G": g, "D": d}): one explicit root, or plotly leaves a gap
+        for i in tops:
+            parents[i] = ALL
+        ids, parents = ids + [ALL], parents + [""]
+        values = np.append(values, values[tops].sum())
     if values.sum() == 0:
         return ids, parents, np.ones(len(ids)), "remainder"
     child_sum = pd.Series(values).groupby(pd.Series(parents)).sum()
@@ -202,8 +215,10 @@ def branches(modules: pd.DataFrame, backward: pd.DataFrame) -> go.Figure:
         ids, parents, values, mode = _tree_nodes(sub)
         status = sub["status"].astype(object).fillna("none").tolist()
         colours = [STATUS_STYLE.get(s, ("", "#cccccc", ""))[1] for s in status]
-        norm = sub["grad_norm"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        norm = sub["grad_norm"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}").tolist()
         nparams = sub["n_params"].fillna(0).astype(int).tolist()
+        if len(ids) > len(status):  # the added root
+            status, colours, norm, nparams = status + ["all"], colours + ["#e9ecef"], norm + [""], nparams + [int(values[-1])]
         custom = np.stack([[STATUS_STYLE.get(s, (s,))[0] for s in status], norm, nparams], axis=1)
         fig.add_trace(go.Icicle(ids=ids, labels=ids, parents=parents, values=values, branchvalues=mode,
                                 marker=dict(colors=colours), customdata=custom, sort=False,
@@ -283,12 +298,12 @@ def saved_memory(saved: pd.DataFrame) -> go.Figure:
     for (kind, mod, op), r in leaf.iterrows():
         ids.append(f"{kind}/{mod}/{op}"); labels.append(op); parents.append(f"{kind}/{mod}")
         values.append(r["nbytes"]); colours.append(KIND_COLOUR.get(kind, "#cccccc"))
-        info.append(f"{human_bytes(r['nbytes'])} in {r['n']} tensors<br>freed by: {freed.get((kind, mod, op), '?')}")
+        info.append(f"{human_bytes(r['nbytes'])} in {_plural(int(r['n']), 'tensor')}<br>freed by: {freed.get((kind, mod, op), '?')}")
     fig = go.Figure(go.Treemap(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
                                marker=dict(colors=colours), customdata=info, sort=True,
                                texttemplate="<b>%{label}</b><br>%{customdata}",
                                hovertemplate="<b>%{id}</b><br>%{customdata}<extra></extra>"))
-    where = f"step {peak}, the step that saved the most of {len(per_step)}" if len(per_step) > 1 else f"step {peak}"
+    where = f"step {peak} (the largest of {len(per_step)} steps)" if len(per_step) > 1 else f"step {peak}"
     return _layout(fig, f"{title}: {human_bytes(per_step.max())} in {where} — by kind, module, op", height=520)
 
 
@@ -345,7 +360,7 @@ def memory_timeline(memory: pd.DataFrame, findings: pd.DataFrame) -> go.Figure:
                     fig.add_trace(go.Scatter(x=xs[sel], y=[top * 1.05] * int(sel.sum()), mode="markers",
                                              name=f"{sev} finding", marker=dict(color=colour, symbol=symbol, size=11),
                                              hovertext=text, hovertemplate="%{hovertext}<extra></extra>"), row=1, col=1)
-    fig.update_yaxes(tickformat=".3s", ticksuffix="B")
+    fig.update_yaxes(tickformat=".4~s", ticksuffix="B")
     fig.update_xaxes(title_text="seconds since first event", row=rows, col=1)
     binned = f" (binned: max of every {per} events)" if per > 1 else ""
     return _layout(fig, title + binned + "; dotted lines: steps with findings", height=340 + 220 * rows)
@@ -387,5 +402,5 @@ def no_grad_retain(backward: pd.DataFrame, findings: pd.DataFrame) -> go.Figure:
                              hovertext=[f"{n} unused graphs, {human_bytes(b)} in total, largest {human_bytes(p)}"
                                         for n, b, p in zip(g["n"], g["nbytes"], g["peak"])],
                              hovertemplate="%{x}: %{hovertext}<extra></extra>"), row=1, col=2)
-    fig.update_yaxes(tickformat=".3s", ticksuffix="B")
+    fig.update_yaxes(tickformat=".4~s", ticksuffix="B")
     return _layout(fig, title + note, height=440)
