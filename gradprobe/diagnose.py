@@ -59,10 +59,10 @@ def gradient_findings(tables: dict) -> list[dict]:
         if cause in _CAUSE_TEXT:
             why = _CAUSE_TEXT[cause]
         else:
-            desc = cuts.loc[(cuts["site"] == where) & (cuts["kind"].map(_kind_cause) == cause)]
-            module = desc["module"].dropna()
-            why = f"flow stopped by {_CAUSE_LABEL.get(cause, cause)} at {where}" + (
-                f" (in {module.iloc[0] or 'the root module'}.forward)" if len(module) else "")
+            desc = records(cuts.loc[(cuts["site"] == where) & (cuts["kind"].map(_kind_cause) == cause)])
+            first = desc[0] if desc else {"kind": cause, "op": None, "module": None}
+            why = f"flow stopped by {cut_label(first['kind'], first['op'])} at {where}" + module_label(
+                tables, first["module"])
         tail = "" if never else " They received gradients in other backward calls, so this looks deliberate."
         rows.append({"kind": "no_gradient", "severity": severity, "site": where,
                      "step": int(g["step"].min()), "params": names,
@@ -78,8 +78,8 @@ def gradient_findings(tables: dict) -> list[dict]:
         when = f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps ({steps[0]}..{steps[-1]})"
         rows.append({"kind": "detach_cut", "severity": "info" if deliberate else "warning",
                      "site": r["site"], "step": steps[0], "params": cut_off,
-                     "message": f"{_CAUSE_LABEL.get(_kind_cause(kind), kind)} at {r['site']}"
-                                f"{' (in ' + r['module'] + ')' if r['module'] else ''} stopped gradient flow to "
+                     "message": f"{cut_label(kind, r['op'])} at {r['site']}{module_label(tables, r['module'])}"
+                                f" stopped gradient flow to "
                                 f"{_names(cut_off, 2)} in {when}."
                                 + (" Those parameters got gradients from another backward, as in a GAN's "
                                    "discriminator step: fine if intended." if deliberate else
@@ -99,6 +99,31 @@ def gradient_findings(tables: dict) -> list[dict]:
 _CAUSE_LABEL = {"detach": ".detach()", "data": ".data", "no_grad": "torch.no_grad()/inference_mode",
                 "non_differentiable": "a non-differentiable op", "to_python": "a conversion to Python",
                 "requires_grad_false": "requires_grad_(False)"}
+
+
+def cut_label(kind: str, op: str | None) -> str:
+    """How a user would write the cut: `.detach()`, `argmax()`, `.item()`..."""
+    if kind == "non_differentiable" and op:
+        return f"non-differentiable {op}()"
+    if kind == "to_python" and op:
+        return f".{op}()" if op in ("item", "tolist", "numpy") else f"{op}(tensor)"
+    if kind == "no_grad" and op:
+        return f"{op}() under torch.no_grad()/inference_mode"
+    if kind == "detach_":
+        return ".detach_()"
+    return _CAUSE_LABEL.get(kind, kind)
+
+
+def module_label(tables: dict, module) -> str:
+    """` (in Generator.forward)` / ` (in heads.aux: Linear.forward)`; empty when outside any module."""
+    if module is None or (not isinstance(module, str) and pd.isna(module)):
+        return ""
+    mods = tables["modules"]
+    types = mods.loc[mods["module"] == module, "type"].dropna() if "type" in mods else []
+    kind = types.iloc[0] if len(types) else None
+    if kind is None:
+        return f" (in {module or 'the model'})"
+    return f" (in {module}: {kind}.forward)" if "." in module else f" (in {kind}.forward)"
 
 
 def _kind_cause(kind: str) -> str:

@@ -26,7 +26,6 @@ KIND_COLOUR = {"activation": "#457b9d", "parameter": "#2a9d8f", "input": "#f4a26
 SEVERITY_STYLE = {"error": ("#d62828", "x"), "warning": ("#f4a261", "triangle-up"), "info": ("#457b9d", "circle")}
 MAX_COLUMNS = 500  # heatmap columns (steps) before binning
 MAX_POINTS = 2000  # points per timeline trace before binning
-ALL = "(all models)"  # root node added when a backward spans several top-level modules
 MAX_PANELS = 4  # backward panels in the branches figure
 TEMPLATE = "plotly_white"
 
@@ -172,7 +171,7 @@ def flow_over_time(params: pd.DataFrame) -> go.Figure:
 
 
 def _tree_nodes(sub: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray, str]:
-    """ids, parents, values and branchvalues for an icicle of one backward's modules."""
+    """ids, parents, values and branchvalues for a treemap of one backward's modules."""
     ids = ["(root)" if m == "" else m for m in sub["module"].astype(object)]
     parents = []
     for p in sub["parent"].astype(object):
@@ -183,12 +182,6 @@ def _tree_nodes(sub: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray, st
     known = set(ids)
     parents = [p if p in known else "" for p in parents]
     values = sub["n_params"].fillna(0).to_numpy(dtype=float)
-    tops = [i for i, p in enumerate(parents) if p == ""]
-    if len(tops) > 1:  # several models (e.g. {"G": g, "D": d}): one explicit root, or plotly leaves a gap
-        for i in tops:
-            parents[i] = ALL
-        ids, parents = ids + [ALL], parents + [""]
-        values = np.append(values, values[tops].sum())
     if values.sum() == 0:
         return ids, parents, np.ones(len(ids)), "remainder"
     child_sum = pd.Series(values).groupby(pd.Series(parents)).sum()
@@ -217,12 +210,10 @@ def branches(modules: pd.DataFrame, backward: pd.DataFrame) -> go.Figure:
         colours = [STATUS_STYLE.get(s, ("", "#cccccc", ""))[1] for s in status]
         norm = sub["grad_norm"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}").tolist()
         nparams = sub["n_params"].fillna(0).astype(int).tolist()
-        if len(ids) > len(status):  # the added root
-            status, colours, norm, nparams = status + ["all"], colours + ["#e9ecef"], norm + [""], nparams + [int(values[-1])]
         custom = np.stack([[STATUS_STYLE.get(s, (s,))[0] for s in status], norm, nparams], axis=1)
-        fig.add_trace(go.Icicle(ids=ids, labels=ids, parents=parents, values=values, branchvalues=mode,
+        fig.add_trace(go.Treemap(ids=ids, labels=ids, parents=parents, values=values, branchvalues=mode,
                                 marker=dict(colors=colours), customdata=custom, sort=False,
-                                hovertemplate="<b>%{label}</b><br>%{customdata[0]}<br>‖grad‖ %{customdata[1]}"
+                                texttemplate="<b>%{label}</b><br>%{customdata[0]}", hovertemplate="<b>%{label}</b><br>%{customdata[0]}<br>‖grad‖ %{customdata[1]}"
                                               "<br>%{customdata[2]} parameters<extra></extra>"),
                       row=r, col=1)
     for s, (label, colour, _) in STATUS_STYLE.items():  # a legend for the colours

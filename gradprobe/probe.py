@@ -77,6 +77,8 @@ class Probe(RunView):
         self.n_backward = 0
         self.boundary = "optimizer"  # optimizer < decorator < explicit
         self.pending = False  # an optimizer.step() ended the step; applied at the next activity
+        self.opt_steps = 0
+        self.optimizers: set[int] = set()
         self.active_step = False  # something happened in the current step
         self.ran: set[str] = set()  # modules whose forward ran in this step
         self.stack: list = []  # ModuleInfo of forwards running now
@@ -117,9 +119,23 @@ class Probe(RunView):
 
     def step(self) -> None:
         """Explicit step boundary (from then on, optimizer steps no longer end steps)."""
+        if self.boundary == "optimizer" and 0 < self.opt_steps <= len(self.optimizers):
+            self._merge_first_steps()  # the first iteration's optimizer steps were not step boundaries
         self.boundary = "explicit"
         self.pending = False
         self._end_step()
+
+    def _merge_first_steps(self) -> None:
+        for table, cols in self.store.cols.items():
+            if "step" in cols:
+                cols["step"] = [0 if v is not None else None for v in cols["step"]]
+        for cut in self.cutlog.cuts:
+            cut.step = 0
+        self.store.version += 1
+        merge = getattr(self.memory, "merge_steps", None)
+        if merge is not None:
+            merge()
+        self.step_idx = 0
 
     def __call__(self, fn):
         """Decorator: every call of `fn` is one step."""
@@ -237,6 +253,8 @@ class Probe(RunView):
 
     def _optimizer_post(self, opt, args, kwargs) -> None:
         self.quiet = max(0, self.quiet - 1)
+        self.opt_steps += 1
+        self.optimizers.add(id(opt))
         if self.boundary == "optimizer" and self.active_step:
             self.pending = True
 
@@ -427,7 +445,7 @@ class Probe(RunView):
         return out
 
     def _module_rows(self, bw, status_by_index, outs) -> None:
-        cols = {c: [] for c in ("module", "status", "grad_norm", "parent", "depth", "order", "n_params",
+        cols = {c: [] for c in ("module", "status", "grad_norm", "type", "parent", "depth", "order", "n_params",
                                 "params_flow", "params_zero", "params_nonfinite", "params_none",
                                 "params_frozen")}
         for info in self.targets.modules:
@@ -439,7 +457,8 @@ class Probe(RunView):
                 continue  # not part of this backward (autograd.grad on other inputs)
             else:
                 status = "none" if math.isnan(norm) else status_of((norm, norm), True)
-            row = {"module": info.name, "status": status, "grad_norm": norm, "parent": info.parent,
+            row = {"module": info.name, "status": status, "grad_norm": norm, "type": info.type,
+                   "parent": info.parent,
                    "depth": info.depth, "order": info.order, "n_params": info.n_params}
             for s in ("flow", "zero", "nonfinite", "none", "frozen"):
                 row[f"params_{s}"] = statuses.count(s)

@@ -28,7 +28,8 @@ TABLES: dict[str, dict[str, str]] = {
     "modules": {
         "step": INT, "backward": INT, "module": STR, "status": STR, "grad_norm": FLOAT,
         "saved_bytes": NINT,  # bytes its forward saved for this backward's graph (NA: memory not tracked)
-        "parent": STR, "depth": INT, "order": INT,  # order: first forward call, for plots
+        "type": STR,  # class name, e.g. Linear
+        "parent": STR, "depth": INT, "order": INT,  # order: position in the module tree (named_modules)
         "n_params": INT,  # parameters (numel) directly and in children
         "params_flow": INT, "params_zero": INT, "params_nonfinite": INT,
         "params_none": INT, "params_frozen": INT,

@@ -23,10 +23,11 @@ class Tracked:
 
 
 class ModuleInfo:
-    __slots__ = ("name", "parent", "depth", "order", "n_params", "params", "ref")
+    __slots__ = ("name", "parent", "depth", "order", "n_params", "params", "ref", "type")
 
     def __init__(self, name, parent, depth, order, module):
         self.name, self.parent, self.depth, self.order = name, parent, depth, order
+        self.type = type(module).__name__
         self.ref = weakref.ref(module)
         self.params: list[int] = []  # indices of Tracked directly or in children
         self.n_params = 0

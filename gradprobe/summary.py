@@ -1,0 +1,51 @@
+"""Plain-text summary of a run, for terminals and logs. Pure pandas."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .finding import findings_from_table
+
+
+def human_bytes(n) -> str:
+    if n is None or pd.isna(n):
+        return "n/a"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def summarize(tables: dict, meta: dict) -> str:
+    params, backward = tables["params"], tables["backward"]
+    steps = backward["step"].nunique() if not backward.empty else 0
+    lines = [f"gradprobe run: {steps} step(s), {len(backward)} backward call(s); model {meta.get('model', '?')}"]
+    if backward.empty:
+        lines.append("Nothing was recorded: no backward call ran while the probe was active.")
+    if not params.empty:
+        last = params.drop_duplicates("param", keep="last")
+        counts = last["status"].value_counts()
+        lines.append("Parameters by status in their last backward: " + ", ".join(
+            f"{s} {int(counts.get(s, 0))}" for s in ("flow", "zero", "nonfinite", "none", "frozen")))
+        none = params[params["status"] == "none"]
+        if not none.empty:
+            lines.append("No gradient (cause at site: parameters):")
+            for (cause, site), g in none.groupby(["cause", "site"], dropna=False, sort=False):
+                where = "" if pd.isna(site) else f" at {site}"
+                names = list(dict.fromkeys(g["param"]))
+                shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                lines.append(f"  {cause}{where}: {shown} (in {g['backward'].nunique()} backward call(s))")
+        frozen = last.loc[last["status"] == "frozen", "param"].tolist()
+        if frozen:
+            lines.append(f"Frozen: {', '.join(frozen[:6])}{' ...' if len(frozen) > 6 else ''}")
+    saved = tables.get("saved")
+    if saved is not None and not saved.empty:
+        lines.append(f"Saved for backward: {human_bytes(saved['nbytes'].sum())} in {len(saved)} tensors; "
+                     f"peak live {human_bytes(tables['memory']['live_saved_bytes'].max()) if not tables['memory'].empty else 'n/a'}")
+    findings = findings_from_table(tables["findings"])
+    lines.append(f"Findings ({len(findings)}):" if findings else "Findings: none.")
+    for f in findings:
+        lines.append(f"  [{f.severity}] {f.kind}: {f.message}")
+    return "\n".join(lines)
