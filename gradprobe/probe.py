@@ -188,9 +188,9 @@ class Probe(RunView):
                 register_optimizer_step_pre_hook(self._optimizer_pre),
                 register_optimizer_step_post_hook(self._optimizer_post),
             ]
-            self._orig = {"backward": torch.autograd.backward, "grad": torch.autograd.grad}
-            torch.autograd.backward = self._patched_backward
-            torch.autograd.grad = self._patched_grad
+            self._orig = {"backward": torch.autograd.backward, "grad": torch.autograd.grad,
+                          "patches": (self._patched_backward, self._patched_grad)}
+            torch.autograd.backward, torch.autograd.grad = self._orig["patches"]
             if "memory" in self.track:
                 from .memory import MemoryCollector
                 if self.memory is None:
@@ -212,9 +212,10 @@ class Probe(RunView):
                 self.mode = None
         finally:
             if self._orig:
-                if torch.autograd.backward is self._patched_backward:
+                backward, grad = self._orig["patches"]
+                if torch.autograd.backward is backward:
                     torch.autograd.backward = self._orig["backward"]
-                if torch.autograd.grad is self._patched_grad:
+                if torch.autograd.grad is grad:
                     torch.autograd.grad = self._orig["grad"]
                 self._orig = {}
             for h in self._handles:
