@@ -23,6 +23,7 @@ _TO_PYTHON = {
     Tensor.__int__: "int", Tensor.__float__: "float", Tensor.__bool__: "bool",
     Tensor.__index__: "index",
 }
+_DATA_GET = Tensor.data.__get__
 _SILENT = {Tensor.backward, Tensor.register_hook, Tensor.grad_fn.__get__, Tensor.requires_grad.__get__,
            Tensor.grad.__get__, Tensor.is_leaf.__get__}
 
@@ -134,7 +135,7 @@ class ProbeMode(TorchFunctionMode):
         if sources:
             if func is Tensor.detach:
                 kind, op = "detach", "detach"
-            elif func is Tensor.data.__get__:
+            elif func == _DATA_GET:  # method-wrappers are made anew per access: compare, not `is`
                 kind, op = "data", "data"
             elif not torch.is_grad_enabled():
                 kind, op = "no_grad", getattr(func, "__name__", str(func))
