@@ -41,7 +41,6 @@ class Targets:
         self.by_tensor = WeakIdKeyDictionary()
         self.modules: list[ModuleInfo] = []
         self.module_of = WeakIdKeyDictionary()  # nn.Module -> ModuleInfo
-        self.roots: dict[str, torch.nn.Module] = {}  # explicit roots given by the user
         self.leaf_names = WeakIdKeyDictionary()  # leaf tensor -> tensor@FILE:LINE
         self._anonymous = 0
         self._classes: dict[str, int] = {}
@@ -70,7 +69,6 @@ class Targets:
                 if mqual == "" or owner == mqual or owner.startswith(mqual + "."):
                     info.params.append(t.index)
                     info.n_params += t.numel
-        self.roots[prefix] = module
 
     def discover(self, module: torch.nn.Module) -> None:
         """model=None: a top-level module seen running, named after its class."""
