@@ -127,6 +127,11 @@ def flow_by_layer(params: pd.DataFrame) -> go.Figure:
                                  marker=dict(color=colour, symbol=symbol, size=11, line=dict(width=2, color=colour)),
                                  hovertext=text, hovertemplate="%{hovertext}<extra></extra>"), row=2, col=1)
     fig.update_yaxes(type="log", title_text="‖grad‖ (log)", row=1, col=1)
+    if agg["count"].fillna(0).sum() == 0:
+        fig.add_annotation(text="No parameter received a finite, non-zero gradient in any backward "
+                                "(the strip below says what happened instead).",
+                           xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False,
+                           font=dict(size=14, color="#555"))
     fig.update_yaxes(type="category", categoryorder="array", row=2, col=1, range=[-0.5, len(strip) - 0.5],
                      categoryarray=[STATUS_STYLE[s][0] for s in strip])
     fig.update_xaxes(tickangle=-50, automargin=True, row=2, col=1)
@@ -149,6 +154,9 @@ def flow_over_time(params: pd.DataFrame) -> go.Figure:
     col = (step - s0) // per
     key = codes.astype(np.int64) * ncol + col
     best = pd.Series(_flow_norms(params)).groupby(key).max().dropna()
+    if best.empty:
+        return _note(title, "No parameter received a finite, non-zero gradient in any step: "
+                            "see the flow by parameter figure and the findings for why.")
     z = np.full(k * ncol, np.nan)
     z[best.index.to_numpy()] = np.log10(best.to_numpy())
     z = z.reshape(k, ncol)
@@ -258,7 +266,7 @@ def cuts_figure(cuts: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Bar(y=part["site"] + " · " + part["kind"], x=part["count"], orientation="h",
                              name=label, marker_color=colour, hovertext=hover,
                              hovertemplate="%{hovertext}<extra></extra>"))
-    fig.update_xaxes(title_text="times cut")
+    fig.update_xaxes(title_text="times cut", dtick=1 if g["count"].max() <= 10 else None)
     fig.update_yaxes(automargin=True)
     return _layout(fig, title, height=min(1200, 180 + 32 * len(g)))
 

@@ -48,7 +48,7 @@ td.num{text-align:right;white-space:nowrap}
 .sev{font-weight:600;border-radius:3px;padding:1px 6px;color:#fff;font-size:12px}
 .sev-error{background:#d62828}.sev-warning{background:#e09f3e}.sev-info{background:#457b9d}
 code{background:#f3f3f3;padding:0 3px;border-radius:3px}
-pre{background:#f7f7f7;padding:12px;overflow-x:auto;font-size:13px}
+pre{background:#f7f7f7;padding:12px;overflow-x:auto;font-size:13px;white-space:pre-wrap}
 .figure{margin:18px 0 30px}.caption{color:#555;margin:2px 0 4px;max-width:1000px}
 .note{color:#666;font-size:13px} details{margin:8px 0} summary{cursor:pointer;font-weight:600}
 .table-wrap{max-height:600px;overflow:auto}
