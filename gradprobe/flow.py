@@ -1,17 +1,19 @@
 """Gradient flow per backward call: which tracked tensors received a gradient, and how big.
 
-A hook on each tracked leaf notes that a gradient arrived. When `.grad` was
-empty before (the usual case after zero_grad), the contribution of this
-backward is exactly the final `.grad`, so its norms are computed after the
-backward, batched with `torch._foreach_norm` and brought to the host in one
-transfer; otherwise (accumulation, autograd.grad, sparse) the hook computes
-the norms of the incoming gradient right away. The hook never holds the
-gradient, so AccumulateGrad can still steal it and training is unchanged.
+A hook on each tracked leaf notes that a gradient arrived. Big gradients are
+measured right there, while they are hot in cache. Small ones whose `.grad`
+was empty before (the usual case after zero_grad) are measured after the
+backward from the final `.grad` (then exactly this backward's contribution),
+all at once with foreach ops. Everything reaches the host in one transfer.
+The hook never holds the gradient, so AccumulateGrad can still steal it and
+training is unchanged.
 """
 
 from __future__ import annotations
 
 import math
+
+import weakref
 
 import torch
 
@@ -26,7 +28,7 @@ class BackwardCall:
         self.retain_graph, self.create_graph, self.detail = retain_graph, create_graph, detail
         self.arrived: list[int] = []  # tracked indices, in arrival order
         self.later: list[int] = []  # read .grad after the backward
-        self.now: list[tuple] = []  # (index, norm, maxabs) computed in the hook
+        self.now: list[tuple] = []  # (index, [sum sq, min, max]) computed in the hook
         self.outs: list[tuple] = []  # (ModuleInfo, norm) gradient at module outputs
         self.considered: list[int] | None = None  # None: every tracked tensor
         self.t = 0.0
@@ -39,6 +41,7 @@ class Flow:
     def __init__(self, probe) -> None:
         self.probe = probe
         self.handles: list = []
+        self.last_out = (lambda: None, [])  # (weakref to the last hooked output, modules that returned it)
 
     # --- hooks ------------------------------------------------------------
     def hook_tensor(self, tracked) -> None:
@@ -53,9 +56,9 @@ class Flow:
                 return None
             bw.arrived.append(t.index)
             tensor = t.ref()
-            if bw.api == "autograd.grad" or g.is_sparse or tensor is None or tensor.grad is not None:
-                v = g.coalesce()._values() if g.is_sparse else g
-                bw.now.append((t.index, torch.linalg.vector_norm(v), torch.linalg.vector_norm(v, INF)))
+            if g.numel() >= _SMALL or bw.api == "autograd.grad" or g.is_sparse or tensor is None \
+                    or tensor.grad is not None:
+                bw.now.append((t.index, grad_stats([g])[0]))
             else:
                 bw.later.append(t.index)
             return None
@@ -66,14 +69,25 @@ class Flow:
         """Called from the forward hook: note the gradient arriving at a module's output."""
         probe = self.probe
 
-        def on_out_grad(g, info=info):
-            bw = probe.current_bw
-            if bw is not None and bw.detail:
-                bw.outs.append((info, torch.linalg.vector_norm(g)))
-            return None
-
         for o in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(o, torch.Tensor) and o.requires_grad:
+                last, infos = self.last_out
+                if last() is o:  # a container returning its child's output: one hook serves both
+                    infos.append(info)
+                    continue
+                infos = [info]
+                self.last_out = (weakref.ref(o), infos)
+
+                def on_out_grad(g, infos=infos):
+                    bw = probe.current_bw
+                    if bw is not None and bw.detail:
+                        flat = g.reshape(-1)
+                        sq = torch.dot(flat, flat) if flat.dtype in (torch.float32, torch.float64) \
+                            else torch.linalg.vector_norm(flat.float()) ** 2
+                        for i in infos:
+                            bw.outs.append((i, sq))
+                    return None
+
                 o.register_hook(on_out_grad)  # lives and dies with the graph
 
     def remove(self) -> None:
@@ -85,43 +99,88 @@ class Flow:
     def measure(self, bw) -> tuple[dict, dict]:
         """{tracked index: (norm, maxabs)} and {ModuleInfo: norm} for this backward, one transfer per device."""
         tracked = self.probe.targets.tracked
-        idx, tensors = [], []
-        later = [i for i in bw.later if tracked[i].ref() is not None and tracked[i].ref().grad is not None]
+        later = []
+        for i in bw.later:
+            tensor = tracked[i].ref()
+            g = None if tensor is None else tensor.grad
+            if g is not None:
+                later.append((i, g))
+        keys, parts = [], []  # ("p", index) owns 3 scalars [sum sq, min, max]; ("o", info) owns 1
         if later:
-            grads = [tracked[i].ref().grad for i in later]
-            norms = torch._foreach_norm(grads, 2)
-            maxs = torch._foreach_norm(grads, INF)
-            for i, n, m in zip(later, norms, maxs):
-                idx.append(("p", i))
-                tensors.append(n)
-                idx.append(("m", i))
-                tensors.append(m)
-        for i, n, m in bw.now:
-            idx.append(("p", i))
-            tensors.append(n)
-            idx.append(("m", i))
-            tensors.append(m)
-        for info, n in bw.outs:
-            idx.append(("o", info))
-            tensors.append(n)
-        by_device: dict = {}
-        for k, t in zip(idx, tensors):
-            keys, ts = by_device.setdefault(t.device, ([], []))
-            keys.append(k)
-            ts.append(t)
-        sq: dict = {}
-        mx: dict = {}
+            for (i, _), (sq, lo, hi) in zip(later, grad_stats([g for _, g in later])):
+                keys.append(("p", i))
+                parts += (sq, lo, hi)
+        for i, (sq, lo, hi) in bw.now:
+            keys.append(("p", i))
+            parts += (sq, lo, hi)
+        for info, sq in bw.outs:
+            keys.append(("o", info))
+            parts.append(sq)
+        values = _to_host(parts)
+        stats: dict = {}
         outs: dict = {}
-        for keys, ts in by_device.values():
-            for (what, key), v in zip(keys, torch.stack([t.float() for t in ts]).tolist()):
-                if what == "p":
-                    sq[key] = sq.get(key, 0.0) + v * v
-                elif what == "m":
-                    mx[key] = v if math.isnan(v) or v > mx.get(key, -1.0) else mx[key]
-                else:
-                    outs[key] = outs.get(key, 0.0) + v * v
-        stats = {k: (math.sqrt(v), mx[k]) for k, v in sq.items()}
-        return stats, {k: math.sqrt(v) for k, v in outs.items()}
+        pos = 0
+        for what, key in keys:
+            if what == "o":
+                outs[key] = outs.get(key, 0.0) + values[pos]
+                pos += 1
+                continue
+            sq, lo, hi = values[pos:pos + 3]
+            pos += 3
+            mx = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+            old = stats.get(key)
+            stats[key] = (sq, mx) if old is None else (old[0] + sq, max(old[1], mx))
+        return ({k: (math.sqrt(sq) if sq >= 0 else math.nan, mx) for k, (sq, mx) in stats.items()},
+                {k: math.sqrt(v) for k, v in outs.items()})
+
+
+_SMALL = 1 << 16  # below this, per-tensor kernel launches cost more than the data: use foreach ops
+
+
+def grad_stats(grads: list) -> list[tuple]:
+    """(sum of squares, min, max) per gradient, as 0-dim tensors on the gradients' devices.
+
+    Big gradients: torch.dot (BLAS) and aminmax, one pass each. Small ones: three
+    foreach calls for all of them. (torch._foreach_norm(ord=inf) takes a slow path
+    on CPU, so max-abs comes from min and max.)
+    """
+    out: list = [None] * len(grads)
+    small = []
+    for k, g in enumerate(grads):
+        if g.is_sparse:
+            g = g.coalesce()._values()
+        if g.dtype not in (torch.float32, torch.float64):
+            g = g.float()
+        if g.numel() == 0:
+            z = g.new_zeros(())
+            out[k] = (z, z, z)
+        elif g.numel() < _SMALL and hasattr(torch, "_foreach_max"):
+            small.append((k, g))
+        else:
+            flat = g.reshape(-1)
+            lo, hi = torch.aminmax(flat)
+            out[k] = (torch.dot(flat, flat), lo, hi)  # dot may overflow to inf: status comes from min/max
+    if small:
+        gs = [g for _, g in small]
+        norms = torch._foreach_norm(gs)
+        his = torch._foreach_max(gs)
+        los = torch._foreach_max(torch._foreach_neg(gs))
+        for (k, _), n, hi, nlo in zip(small, norms, his, los):
+            out[k] = (n * n, -nlo, hi)
+    return out
+
+
+def _to_host(parts: list) -> list[float]:
+    """All scalars to Python floats: one stack and one transfer per device."""
+    if not parts:
+        return []
+    devices = {t.device for t in parts}
+    values = [0.0] * len(parts)
+    for d in devices:
+        idx = [k for k, t in enumerate(parts) if t.device == d] if len(devices) > 1 else range(len(parts))
+        for k, v in zip(idx, torch.stack([parts[k] for k in idx]).tolist()):  # stack promotes dtypes
+            values[k] = v
+    return values
 
 
 def status_of(norm_max: tuple | None, requires_grad: bool) -> str:

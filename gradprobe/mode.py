@@ -111,6 +111,8 @@ class ProbeMode(TorchFunctionMode):
                 p.targets.leaf_names[src] = f"tensor@{site(2)}"
             return out
         out = func(*args, **kwargs)
+        if p.memory is not None and (p.memory.inplace[func] or "out" in kwargs or kwargs.get("inplace") is True):
+            p.memory.on_inplace(func, args, kwargs)
         op = _TO_PYTHON.get(func)
         if op is not None:
             if args[0].requires_grad:

@@ -263,13 +263,15 @@ class Probe(RunView):
     def _forward_pre(self, module, args) -> None:
         if self.quiet:
             return
-        info = self.targets.module_of.get(module)
+        info = self.targets.info_of(module)
         if info is None:
             if not (self.discover and not self.stack):
                 return
             self.targets.discover(module)
-            info = self.targets.module_of[module]
+            info = self.targets.info_of(module)
         self._touch()
+        if not self.stack and self.memory is not None:
+            self.memory.on_forward(module)
         self.stack.append(info)
         self.ran.add(info.name)
 
@@ -277,7 +279,8 @@ class Probe(RunView):
         if not self.stack or self.stack[-1].ref() is not module:
             return
         info = self.stack.pop()
-        if "grads" in self.track and self.step_idx % self.every == 0 and torch.is_grad_enabled():
+        if info.params and "grads" in self.track and self.step_idx % self.every == 0 \
+                and torch.is_grad_enabled():
             self.flow.hook_output(info, out)
 
     def current_module(self) -> str | None:
@@ -452,12 +455,9 @@ class Probe(RunView):
         for info in self.targets.modules:
             statuses = [status_by_index[i] for i in info.params if i in status_by_index]
             norm = outs.get(info, math.nan)
-            if statuses:
-                status = rollup(statuses)
-            elif info.params:
-                continue  # not part of this backward (autograd.grad on other inputs)
-            else:
-                status = "none" if math.isnan(norm) else status_of((norm, norm), True)
+            if not statuses:
+                continue  # no parameters (ReLU, ...), or none in this backward (autograd.grad on others)
+            status = rollup(statuses)
             row = {"module": info.name, "status": status, "grad_norm": norm, "type": info.type,
                    "parent": info.parent,
                    "depth": info.depth, "order": info.order, "n_params": info.n_params}

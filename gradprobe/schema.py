@@ -44,6 +44,21 @@ TABLES: dict[str, dict[str, str]] = {
     },
     "saved": {
         "step": INT, "module": STR, "op": STR, "nbytes": INT, "kind": STR, "freed_by": STR,
+        # freed_by may also be `retained`: a backward used it with retain_graph=True, released later
+        "func": STR,  # the torch function called (linear, cross_entropy...); op is the grad_fn that saved it
+        "param": STR,  # parameter name when kind is parameter
+        "shape": STR, "dtype": STR, "device": STR,  # shape as "64x512"
+        "storage": NINT,  # id of the storage record: rows with the same id share their bytes
+        "storage_bytes": NINT,  # whole storage size (nbytes is it for the first row of a storage, else 0)
+        "view_bytes": NINT,  # size of the saved view itself (a small view can hold a big storage)
+        "alloc_bytes": NINT,  # CUDA: nbytes rounded up to the allocator's 512-byte blocks
+        "graph": NINT,  # id of the forward (graph) that saved it
+        "site": STR,  # line of that forward's root call
+        "t_saved": FLOAT, "t_freed": FLOAT,  # seconds since the probe was made (t_freed NaN: alive)
+        "backward": NINT, "last_backward": NINT,  # first / last backward that used it (NA: none)
+        "inplace_site": STR,  # line that wrote in place into it while it was saved
+        "inplace_kind": STR,  # data: autograd cannot see it (silently wrong); version: PyTorch raises
+        "inplace_backward": NINT,  # first backward that used it after that write
     },
     "backward": {
         "step": INT, "backward": INT, "site": STR, "retain_graph": BOOL,
@@ -55,10 +70,23 @@ TABLES: dict[str, dict[str, str]] = {
         "params_nonfinite": INT, "params_frozen": INT,
         "error": STR,  # PyTorch's message when the backward raised
         "cut_kind": STR, "cut_site": STR,  # the cut its roots depend on (kind; description with site)
+        "reused_by": NINT,  # retain_graph=True: first later backward that went through the retained graph
+        "retained_until": FLOAT,  # when the retained bytes were released (NaN: still alive)
+        "released_by": STR,  # what released them: "backward N", "graph dropped in step S ...", "alive"
+        "retain_saving_bytes": NINT,  # how much lower the peak of saved bytes was without this retain
     },
     "memory": {
         "t": FLOAT, "step": INT, "event": STR, "live_saved_bytes": INT,
         "rss_bytes": NINT, "cuda_allocated_bytes": NINT,
+        # event: enter, exit, forward, backward_begin, backward_end, step_end, hooks_shadowed, memory_off, now
+        "live_activation_bytes": NINT,  # live saved bytes of kind activation
+        "counterfactual_saved_bytes": NINT,  # live saved bytes had each graph been freed at its first backward
+        "peak_saved_bytes": NINT, "peak_counterfactual_bytes": NINT,  # peaks since the previous row (exact)
+        "cuda_peak_bytes": NINT,  # torch.cuda.max_memory_allocated() (since the process or last reset)
+        "backward": NINT, "site": STR, "note": STR,
+        "leaked_graphs": NINT, "leaked_nodes": NINT,  # step_end: graphs of earlier steps still alive
+        "leaked_bytes": NINT,  # their saved bytes (activations and inputs)
+        "leak_site": STR, "leak_cause": STR,  # accumulation (op joining steps) | retain_graph | reference
     },
     "findings": {
         "kind": STR, "severity": STR, "message": STR, "site": STR, "nbytes": NINT,

@@ -40,7 +40,7 @@ class Targets:
         self.tracked: list[Tracked] = []
         self.by_tensor = WeakIdKeyDictionary()
         self.modules: list[ModuleInfo] = []
-        self.module_of = WeakIdKeyDictionary()  # nn.Module -> ModuleInfo
+        self.by_id: dict[int, ModuleInfo] = {}  # id(module) -> ModuleInfo (checked against info.ref)
         self.leaf_names = WeakIdKeyDictionary()  # leaf tensor -> tensor@FILE:LINE
         self._anonymous = 0
         self._classes: dict[str, int] = {}
@@ -48,19 +48,19 @@ class Targets:
 
     def add_root(self, prefix: str, module: torch.nn.Module) -> None:
         """Register a model and all its sub-modules and parameters under `prefix`."""
-        if module in self.module_of:
+        if self.info_of(module) is not None:
             return
         def full(qual):
             return ".".join(p for p in (prefix, qual) if p)
 
         infos = []
         for qual, sub in module.named_modules(remove_duplicate=True):
-            if sub in self.module_of:
+            if self.info_of(sub) is not None:
                 continue
             parent = full(qual.rpartition(".")[0]) if qual else None
             info = ModuleInfo(full(qual), parent, qual.count(".") + 1 if qual else 0, len(self.modules), sub)
             self.modules.append(info)
-            self.module_of[sub] = info
+            self.by_id[id(sub)] = info
             infos.append((qual, info))
         for qual, p in module.named_parameters(remove_duplicate=True):
             owner = qual.rpartition(".")[0]
@@ -69,6 +69,11 @@ class Targets:
                 if mqual == "" or owner == mqual or owner.startswith(mqual + "."):
                     info.params.append(t.index)
                     info.n_params += t.numel
+
+    def info_of(self, module) -> "ModuleInfo | None":
+        """The module's info; a plain id lookup (hot path), guarded against id reuse."""
+        info = self.by_id.get(id(module))
+        return info if info is not None and info.ref() is module else None
 
     def discover(self, module: torch.nn.Module) -> None:
         """model=None: a top-level module seen running, named after its class."""

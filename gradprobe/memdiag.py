@@ -1,0 +1,220 @@
+"""Memory diagnosis rules: saved/backward/memory tables in, findings out. Pure pandas, never touches torch.
+
+Kinds: inplace_saved, retain_graph_unneeded, graph_leak, unused_graph, saved_hooks_shadowed.
+Every message names the line, the bytes (also human readable) and what to do.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+
+
+def human(n) -> str:
+    """1536 -> '1.5 KiB (1,536 bytes)'."""
+    if n is None or pd.isna(n):
+        return "an unknown number of bytes"
+    n = int(n)
+    v = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(v) < 1024 or unit == "TiB":
+            break
+        v /= 1024
+    return f"{n:,} bytes" if unit == "B" else f"{v:.1f} {unit} ({n:,} bytes)"
+
+
+def _seconds(s) -> str:
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _steps(steps) -> str:
+    steps = sorted(set(int(s) for s in steps))
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
+
+
+def _col(df: pd.DataFrame, c: str) -> pd.Series:
+    return df[c] if c in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+def memory_findings(tables: dict) -> list[dict]:
+    rows: list[dict] = []
+    for rule in (_inplace, _retain, _leak, _unused, _shadowed):
+        try:
+            rows += rule(tables)
+        except Exception as e:  # a broken rule must not hide the others
+            warnings.warn(f"gradprobe: memory rule {rule.__name__} failed: {e!r}")
+    return rows
+
+
+def _inplace(tables: dict) -> list[dict]:
+    saved = tables.get("saved")
+    if saved is None or saved.empty or "inplace_site" not in saved:
+        return []
+    hit = saved[saved["inplace_site"].notna()]
+    rows = []
+    backward = tables.get("backward")
+    for (where, kind), g in hit.groupby(["inplace_site", "inplace_kind"], sort=False):
+        nbytes = int(g.drop_duplicates("storage")["storage_bytes"].sum())
+        first = g.iloc[0]
+        what = f"{first['op'] or 'an op'}" + (f" in {first['module'] or 'the root module'}" if pd.notna(
+            first["module"]) else "") + f" (shape {first['shape']}, saved by the forward at {first['site']})"
+        used = g["inplace_backward"].dropna()
+        params = sorted(set(g["param"].dropna()))
+        if kind == "data":
+            after = (f" Backward {int(used.min())} then used the modified values, so its gradients are wrong."
+                     if len(used) else " Any backward through this graph will use the modified values.")
+            msg = (f"{where} wrote in place through `.data` into a tensor saved for backward by {what}, "
+                   f"{human(nbytes)}. Autograd cannot see `.data` writes, so gradients come out silently wrong "
+                   f"and nothing raises.{after} Modify a copy instead (`y = x.detach().clone()`), or do the write "
+                   "after backward.")
+            severity = "error"
+        else:
+            failed = None
+            if backward is not None and len(used) and "error" in backward:
+                b = backward[backward["backward"].isin(used.astype("int64").tolist()) & backward["error"].notna()]
+                failed = int(b["backward"].iloc[0]) if len(b) else None
+            tail = (f" Backward {failed} raised that error." if failed is not None else
+                    " The next backward through this graph will raise it.")
+            msg = (f"{where} modified in place (through `.detach()`, under torch.no_grad() or an in-place op) a "
+                   f"tensor saved for backward by {what}, {human(nbytes)}. PyTorch raises 'one of the variables "
+                   f"needed for gradient computation has been modified by an inplace operation' at backward.{tail} "
+                   "Write into a copy (`x.detach().clone()`) or use the out-of-place op (`x = x * 2` instead of "
+                   "`x.mul_(2)`).")
+            severity = "warning"
+        rows.append({"kind": "inplace_saved", "severity": severity, "message": msg, "site": where,
+                     "nbytes": nbytes, "step": int(g["step"].min()), "params": params})
+    return rows
+
+
+def _retain(tables: dict) -> list[dict]:
+    bw = tables.get("backward")
+    if bw is None or bw.empty or "reused_by" not in bw:
+        return []
+    r = bw[bw["retain_graph"].astype(bool) & (bw["retained_bytes"].fillna(0) > 0)]
+    rows = []
+    for (where, reused), g in r.groupby([r["site"].astype(object).fillna("?"), r["reused_by"].notna()], sort=False):
+        first = g.iloc[0]
+        nbytes = int(g["retained_bytes"].max())
+        calls = f"{len(g)} backward calls ({_steps(g['step'])})" if len(g) > 1 else f"backward {first['backward']}"
+        if not reused:
+            if g["create_graph"].all():
+                continue  # create_graph implies retain_graph; the higher-order graph is the point
+            held = g["retained_until"] - g["t"] - g["duration"].fillna(0)
+            how_long = (f" for {_seconds(float(held.max()))}" if held.notna().any() else "")
+            until = first["released_by"] if pd.notna(first["released_by"]) else "the end of the run"
+            if until == "alive":
+                until = "the end of the recording (still alive)"
+            elif until.startswith("backward"):
+                until = until + " released it"
+            saving = g["retain_saving_bytes"].max()
+            peak = (f" Without it the peak of saved tensors would have been {human(saving)} lower."
+                    if pd.notna(saving) and saving > 0 else "")
+            msg = (f"{where}: {calls} used retain_graph=True, but no later backward went through the retained "
+                   f"graph: it kept {human(nbytes)} of saved tensors alive{how_long} after the backward, until "
+                   f"{until}.{peak} Remove retain_graph=True: a loss computed by a new forward has its own graph.")
+            rows.append({"kind": "retain_graph_unneeded", "severity": "warning", "message": msg, "site": where,
+                         "nbytes": nbytes, "step": int(first["step"]), "params": []})
+        else:
+            later = int(first["reused_by"])
+            other = bw.loc[bw["backward"] == later, "site"]
+            at = f" at {other.iloc[0]}" if len(other) and pd.notna(other.iloc[0]) else ""
+            saving = g["retain_saving_bytes"].max()
+            peak = (f"; the peak of saved tensors would be {human(saving)} lower" if pd.notna(saving) and saving > 0
+                    else "; the peak stays the same, but the graph is walked once instead of twice")
+            msg = (f"{where}: {calls} kept the graph with retain_graph=True for backward {later}{at}, which went "
+                   f"through the same graph ({human(nbytes)} held in between). Two losses from one forward: "
+                   f"`(loss1 + loss2).backward()` gives the same gradients in one pass and frees the graph at once"
+                   f"{peak}.")
+            rows.append({"kind": "retain_graph_unneeded", "severity": "info", "message": msg, "site": where,
+                         "nbytes": nbytes, "step": int(first["step"]), "params": []})
+    return rows
+
+
+def _leak(tables: dict) -> list[dict]:
+    mem = tables.get("memory")
+    if mem is None or mem.empty or "leaked_graphs" not in mem:
+        return []
+    ends = mem[(mem["event"] == "step_end") & (mem["leaked_graphs"].fillna(0) > 0)]
+    rows = []
+    for (where, cause), g in ends.groupby([ends["leak_site"].astype(object).fillna("?"),
+                                           ends["leak_cause"].astype(object).fillna("reference")], sort=False):
+        g = g.sort_values("t", kind="stable")
+        first, last = g.iloc[0], g.iloc[-1]
+        growing = len(g) > 1 and (last["leaked_graphs"] > first["leaked_graphs"] or
+                                  last["leaked_bytes"] > first["leaked_bytes"])
+        if cause != "accumulation" and not growing:
+            continue  # one graph kept by a variable that is not reassigned: not a leak
+        nodes, nbytes = int(last["leaked_nodes"]), int(last["leaked_bytes"])
+        span = int(g["step"].iloc[-1] - g["step"].iloc[0])
+        if span > 0:
+            dn = (last["leaked_nodes"] - g["leaked_nodes"].iloc[0]) / span
+            db = (last["leaked_bytes"] - g["leaked_bytes"].iloc[0]) / span
+            grow = [f"{dn:.0f} nodes"] if dn > 0 else []
+            grow += [human(round(db))] if db > 0 else []
+            growth = f", growing by about {' and '.join(grow)} per step" if grow else ", not growing"
+        else:
+            growth = ""
+        kept = (f"{int(last['leaked_graphs'])} graph(s) of earlier steps ({last['note'] or '?'}) were still alive at "
+                f"the end of step {int(last['step'])}: at least {nodes} autograd nodes and {human(nbytes)} of "
+                f"saved tensors{growth}.")
+        if cause == "accumulation":
+            msg = (f"{where} combines tensors from different steps (like `epoch_loss += loss`), so every step's "
+                   f"graph hangs on the next: {kept} Accumulate `loss.item()` (or `loss.detach()`) instead.")
+        elif cause == "retain_graph":
+            msg = (f"The backward at {where} used retain_graph=True and something still references those graphs, "
+                   f"so their saved tensors stay alive: {kept} Drop retain_graph=True, or keep `.detach()`ed "
+                   "tensors or `.item()` values instead of graph outputs.")
+        else:
+            msg = (f"Graphs built by the forward at {where} outlive their step: something keeps a reference to "
+                   f"their outputs (a list of losses or outputs, a hidden state carried over): {kept} Keep "
+                   "`.detach()`ed tensors or `.item()` values instead.")
+        rows.append({"kind": "graph_leak", "severity": "warning", "message": msg, "site": where,
+                     "nbytes": int(g["leaked_bytes"].max()), "step": int(g["step"].iloc[0]), "params": []})
+    return rows
+
+
+def _unused(tables: dict) -> list[dict]:
+    saved = tables.get("saved")
+    if saved is None or saved.empty or "graph" not in saved:
+        return []
+    per = saved.groupby("graph", sort=False).agg(
+        site=("site", "first"), step=("step", "min"),
+        used=("backward", lambda s: s.notna().any()),
+        released=("freed_by", lambda s: (s != "alive").all()),
+        act=("nbytes", lambda s: int(s[saved.loc[s.index, "kind"] == "activation"].sum())),
+        total=("nbytes", "sum"))
+    per = per[~per["used"] & per["released"] & (per["act"] > 0)]
+    rows = []
+    for where, g in per.groupby(per["site"].astype(object).fillna("?"), sort=False):
+        n = len(g)
+        each = int(g["act"].max())
+        times = f"{n} graphs" if n > 1 else "a graph"
+        total = f" ({human(int(g['act'].sum()))} over all {n})" if n > 1 else ""
+        msg = (f"The forward at {where} built {times} that no backward used (validation, metrics or logging "
+               f"outside torch.no_grad()?), in {_steps(g['step'])}: each saved up to {human(each)} of activations "
+               f"for nothing{total}. Wrap it in `with torch.no_grad():` (or `torch.inference_mode()`) to save "
+               "that memory and time.")
+        rows.append({"kind": "unused_graph", "severity": "warning", "message": msg, "site": where,
+                     "nbytes": each, "step": int(g["step"].min()), "params": []})
+    return rows
+
+
+def _shadowed(tables: dict) -> list[dict]:
+    mem = tables.get("memory")
+    if mem is None or mem.empty:
+        return []
+    sh = mem[mem["event"] == "hooks_shadowed"]
+    rows = []
+    for where, g in sh.groupby(sh["site"].astype(object).fillna("?"), sort=False):
+        mods = sorted(set(g["note"].dropna()))
+        inside = f" (in {', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''})" if mods else ""
+        rows.append({"kind": "saved_hooks_shadowed", "severity": "info", "site": where, "nbytes": None,
+                     "step": int(g["step"].min()), "params": [],
+                     "message": f"At {where}{inside} other saved_tensors_hooks (torch.utils.checkpoint, "
+                                f"torch.autograd.graph.save_on_cpu) were active in {_steps(g['step'])} and "
+                                "took the saved tensors instead of gradprobe: those are missing from the saved "
+                                "table, so saved bytes there are a lower bound (usually fine: that is what "
+                                "checkpointing and offloading are for)."})
+    return rows
+
