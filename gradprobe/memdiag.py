@@ -108,7 +108,7 @@ def _retain(tables: dict) -> list[dict]:
             elif until.startswith("backward"):
                 until = until + " released it"
             saving = g["retain_saving_bytes"].max()
-            peak = (f" Without it the peak of saved tensors would have been {human(saving)} lower."
+            peak = (f" Without it the peak of saved tensors in that time would have been {human(saving)} lower."
                     if pd.notna(saving) and saving > 0 else "")
             msg = (f"{where}: {calls} used retain_graph=True, but no later backward went through the retained "
                    f"graph: it kept {human(nbytes)} of saved tensors alive{how_long} after the backward, until "
@@ -119,9 +119,10 @@ def _retain(tables: dict) -> list[dict]:
             later = int(first["reused_by"])
             other = bw.loc[bw["backward"] == later, "site"]
             at = f" at {other.iloc[0]}" if len(other) and pd.notna(other.iloc[0]) else ""
-            saving = g["retain_saving_bytes"].max()
+            saving = g["retain_peak_saving_bytes"].max() if "retain_peak_saving_bytes" in g else None
             peak = (f"; the peak of saved tensors would be {human(saving)} lower" if pd.notna(saving) and saving > 0
-                    else "; the peak stays the same, but the graph is walked once instead of twice")
+                    else "; the overall peak of saved tensors stays the same (the forward that built the graph "
+                         "is the peak), but the graph is walked once instead of twice")
             msg = (f"{where}: {calls} kept the graph with retain_graph=True for backward {later}{at}, which went "
                    f"through the same graph ({human(nbytes)} held in between). Two losses from one forward: "
                    f"`(loss1 + loss2).backward()` gives the same gradients in one pass and frees the graph at once"

@@ -14,6 +14,7 @@ The collector holds numbers, names and weak references only.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 import weakref
@@ -26,6 +27,7 @@ from .schema import TABLES, frame
 from .sites import site
 
 _KEY = "gradprobe.graph"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _NOT_WRITES = {"requires_grad_", "detach_", "share_memory_", "set_", "retain_grad", "register_hook",
                "pin_memory_", "resize_", "resize_as_", "grad_", "_fix_weakref"}
 _VERSION_ERROR = ("one of the variables needed for gradient computation has been modified by an inplace "
@@ -33,16 +35,19 @@ _VERSION_ERROR = ("one of the variables needed for gradient computation has been
                   "(Raised by gradprobe, which repeats PyTorch's check while its saved_tensors_hooks are "
                   "installed; see the probe's inplace_saved finding for the line that wrote it.)")
 
-try:
-    import psutil
-    _PROC = psutil.Process()
-except Exception:  # psutil missing or unusable: RSS stays missing
-    _PROC = None
+_STATM = None
 
 
 def _rss():
+    """Process RSS: /proc/self/statm where there is one (psutil costs ~100 us a call in a busy loop)."""
+    global _STATM
     try:
-        return _PROC.memory_info().rss if _PROC is not None else None
+        if _STATM is None:
+            _STATM = os.open("/proc/self/statm", os.O_RDONLY) if os.path.exists("/proc/self/statm") else -1
+        if _STATM >= 0:
+            return int(os.pread(_STATM, 128, 0).split()[1]) * _PAGE
+        import psutil
+        return psutil.Process().memory_info().rss
     except Exception:
         return None
 
@@ -94,10 +99,11 @@ class _Node:
 class _Storage:
     """A storage held by saved tensors, from the first save to the last release."""
 
-    __slots__ = ("id", "key", "nbytes", "kind", "refs", "group", "t0", "t1", "live", "all")
+    __slots__ = ("id", "key", "nbytes", "kind", "refs", "group", "t0", "t1", "live", "all", "param")
 
-    def __init__(self, id, key, nbytes, kind, group, t0):
+    def __init__(self, id, key, nbytes, kind, group, t0, param):
         self.id, self.key, self.nbytes, self.kind, self.group, self.t0 = id, key, nbytes, kind, group, t0
+        self.param = param
         self.refs = 0
         self.t1 = None  # released
         self.live: list[int] = []  # entries holding it now
@@ -105,9 +111,11 @@ class _Storage:
 
 
 class _Entry:
-    __slots__ = ("storage", "group", "step", "module", "op", "func", "param", "shape", "dtype", "device",
-                 "view_bytes", "version", "t", "t_freed", "freed_by", "free_bw", "free_group", "free_step",
-                 "used", "nbytes", "inplace_site", "inplace_kind", "inplace_t")
+    """One tensor saved for backward (a row of the saved table)."""
+
+    __slots__ = ("storage", "group", "step", "module", "op", "func", "shape", "dtype", "device", "version", "t",
+                 "t_freed", "freed_by", "free_bw", "free_group", "free_step", "used", "nbytes",
+                 "inplace_site", "inplace_kind", "inplace_t")
 
 
 class MemoryCollector:
@@ -142,6 +150,7 @@ class MemoryCollector:
             self.ctx = torch.autograd.graph.saved_tensors_hooks(*self.hooks)
             self.ctx.__enter__()
             self.installed = True
+            self._n_tracked = -1  # parameters may have moved since the last `with` (model.to(), .data =)
         except Exception as e:  # e.g. inside disable_saved_tensors_hooks: record that memory is not tracked
             self.ctx = None
             self._event("memory_off", note=f"saved-tensor hooks could not be installed: {e}")
@@ -226,33 +235,34 @@ class MemoryCollector:
         try:
             st = t.untyped_storage()
             nb = st.nbytes()
-            key = _key(st.data_ptr(), t)
+            key = st.data_ptr()
+            if t.is_cuda:
+                key = (key, t.get_device())
+                self.cuda = True
         except Exception:  # sparse and other storage-less tensors: counted by their own size
             nb, key = t.nelement() * t.element_size(), None
-        if t.is_cuda:
-            self.cuda = True
         s = self.storages.get(key) if key is not None and nb else None
-        param = None
         idx = len(self.entries)
         if s is None:
             param = self.param_keys.get(key)
             if param is not None:
                 kind = "parameter"
             else:
-                base = t._base if t._is_view() else t
-                if base is None:
-                    base = t
-                if base.requires_grad and base.grad_fn is None:
-                    tr = p.targets.by_tensor.get(base)
-                    if tr is not None or isinstance(base, torch.nn.Parameter):
-                        kind, param = "parameter", tr.name if tr is not None else None
-                    else:
-                        kind = "input"
-                elif base.grad_fn is None and not base.requires_grad:
-                    kind = "input?"  # an argument of the op (input) or made inside it (activation): see on_op
-                else:
+                base = t
+                if not t.is_leaf and t._is_view():
+                    base = t._base
+                if not base.is_leaf:
                     kind = "activation"
-            s = _Storage(len(self.all_storages), key, nb, kind, g, now)
+                elif base.requires_grad:
+                    tr = p.targets.by_tensor.get(base)
+                    named = p.targets.leaf_names.get(base) if p.discover and tr is None else None
+                    if tr is not None or named is not None or isinstance(base, torch.nn.Parameter):
+                        kind, param = "parameter", tr.name if tr is not None else named
+                    else:
+                        kind = "input"  # a user tensor that wants a gradient, not a parameter
+                else:
+                    kind = "input?"  # an argument of the op (input) or made inside it (activation): see on_op
+            s = _Storage(len(self.all_storages), key, nb, kind, g, now, param)
             self.all_storages.append(s)
             if key is not None and nb:
                 self.storages[key] = s
@@ -262,17 +272,15 @@ class MemoryCollector:
             nbytes = nb
         else:
             nbytes = 0
-            if s.kind == "parameter":
-                param = self.param_keys.get(key)
         s.refs += 1
         s.live.append(idx)
         s.all.append(idx)
         e = _Entry()
-        e.storage, e.group, e.step, e.module = s, g, p.step_idx, p.current_module()
+        e.storage, e.group, e.step, e.module, e.shape, e.dtype, e.device = \
+            s, g, p.step_idx, p.current_module(), t.shape, t.dtype, t.device
+        e.version, e.t, e.used, e.nbytes = d._version, now, [], nbytes
         e.op = e.func = e.t_freed = e.freed_by = e.free_bw = e.free_group = e.free_step = None
         e.inplace_site = e.inplace_kind = e.inplace_t = None
-        e.param, e.shape, e.dtype, e.device = param, t.shape, t.dtype, t.device
-        e.view_bytes, e.version, e.t, e.used, e.nbytes = t.nelement() * t.element_size(), d._version, now, [], nbytes
         self.entries.append(e)
         g.entries.append(idx)
         g.live += 1
@@ -366,13 +374,15 @@ class MemoryCollector:
         if _KEY in meta:
             return
         g = self.group or self._new_group()
-        cur = self.probe.step_idx
-        for nf, _ in gf.next_functions:
-            if nf is not None:
-                sn = nf.metadata.get(_KEY)
-                if sn is not None and sn.group.step < cur:
-                    self.bridges.append((site(), sn.group.step, cur, time.perf_counter() - self.probe.t0))
-                    break
+        p = self.probe
+        if not p.stack:  # outside model code (loss, accumulation): does this op join graphs of two steps?
+            cur = p.step_idx
+            for nf, _ in gf.next_functions:
+                if nf is not None:
+                    sn = nf.metadata.get(_KEY)
+                    if sn is not None and sn.group.step < cur:
+                        self.bridges.append((site(), sn.group.step, cur, time.perf_counter() - p.t0))
+                        break
         meta[_KEY] = _Node(g)
         self._check_shadowed()
 
@@ -431,6 +441,7 @@ class MemoryCollector:
     def begin_backward(self, bw, roots) -> None:
         try:
             self.group = None
+            self.root_site = None
             self.assigned = len(self.entries)
             self._event("backward_begin", site=bw.site, backward=bw.index)
         except Exception:
@@ -439,6 +450,7 @@ class MemoryCollector:
     def end_backward(self, bw) -> None:
         try:
             self.group = None
+            self.root_site = None
             self.assigned = len(self.entries)
             used = self.bw_used.get(bw.index, ())
             held, retained = {}, {}
@@ -458,7 +470,7 @@ class MemoryCollector:
     def end_step(self, step: int) -> None:
         """Step boundary: record process memory and graphs of earlier steps that are still alive."""
         try:
-            self.group = None
+            self.group = self.root_site = None
             self.open_groups = [g for g in self.open_groups if g.nodes > 0 or g.live > 0]
             leaked = [g for g in self.open_groups if g.step < step - 1 or (g.step < step and g.live_bytes > 0)]
             row = {}
@@ -522,6 +534,7 @@ class MemoryCollector:
 
     def _fill(self, tables: dict) -> None:
         entries = self.entries
+        self._retain_budget = 100  # retain_saving_bytes for the first 100 retaining backwards (each is O(n))
         bw_end = {k: v["t_end"] for k, v in self.bw.items()}
         cols = {c: [] for c in ("step", "module", "op", "nbytes", "kind", "freed_by", "func", "param", "shape",
                                 "dtype", "device", "storage", "storage_bytes", "view_bytes", "alloc_bytes",
@@ -535,10 +548,10 @@ class MemoryCollector:
             kind = "input" if s.kind == "input?" else s.kind
             cuda = e.device.type == "cuda"
             for c, v in (("step", e.step), ("module", e.module), ("op", e.op), ("nbytes", e.nbytes),
-                         ("kind", kind), ("freed_by", e.freed_by or "alive"), ("func", e.func), ("param", e.param),
+                         ("kind", kind), ("freed_by", e.freed_by or "alive"), ("func", e.func), ("param", s.param),
                          ("shape", "x".join(map(str, e.shape)) or "scalar"), ("dtype", str(e.dtype).replace("torch.", "")),
                          ("device", str(e.device)), ("storage", s.id), ("storage_bytes", s.nbytes),
-                         ("view_bytes", e.view_bytes),
+                         ("view_bytes", math.prod(e.shape) * e.dtype.itemsize),
                          ("alloc_bytes", -(-e.nbytes // 512) * 512 if cuda else None),
                          ("graph", e.group.id), ("site", e.group.site), ("t_saved", e.t),
                          ("t_freed", math.nan if e.t_freed is None else e.t_freed),
@@ -556,23 +569,13 @@ class MemoryCollector:
         t1 = np.empty(n)
         nb = np.empty(n, dtype=np.int64)
         act = np.empty(n, dtype=bool)
-        c0, c1, cn = [], [], []
         for i, s in enumerate(self.all_storages):
             t0[i] = s.t0
             t1[i] = math.inf if s.t1 is None else s.t1
             nb[i] = s.nbytes
             act[i] = s.kind == "activation"
-            spans = sorted((entries[j].t, self._cf_end(entries[j])) for j in s.all) or [(s.t0, t1[i])]
-            a, b = spans[0]
-            for x, y in spans[1:]:
-                if x > b:
-                    c0.append(a), c1.append(b), cn.append(s.nbytes)
-                    a, b = x, y
-                else:
-                    b = max(b, y)
-            c0.append(a), c1.append(b), cn.append(s.nbytes)
         tl = _Timeline(t0, t1, nb)
-        tl_cf = _Timeline(np.array(c0, dtype=float), np.array(c1, dtype=float), np.array(cn, dtype=np.int64))
+        tl_cf = self._union(self.all_storages, self._cf_end)
         tl_act = _Timeline(t0[act], t1[act], nb[act])
 
         events = list(self.events)
@@ -592,7 +595,7 @@ class MemoryCollector:
         bwt = tables.get("backward")
         if bwt is not None and len(bwt):
             extra = {c: [] for c in ("saved_bytes", "retained_bytes", "reused_by", "retained_until",
-                                     "released_by", "retain_saving_bytes")}
+                                     "released_by", "retain_saving_bytes", "retain_peak_saving_bytes")}
             for b in bwt["backward"].tolist():
                 info = self.bw.get(b)
                 vals = dict.fromkeys(extra)
@@ -625,6 +628,24 @@ class MemoryCollector:
                     m == "" or k == m or k.startswith(m + "."))))
             mods["saved_bytes"] = _typed("modules", "saved_bytes", out)
 
+    def _union(self, storages, end_of) -> "_Timeline":
+        """Bytes of each storage over the union of its entries' [saved, end_of(entry)) intervals."""
+        c0, c1, cn = [], [], []
+        entries = self.entries
+        for s in storages:
+            spans = sorted((entries[j].t, end_of(entries[j])) for j in s.all)
+            if not spans:
+                continue
+            a, b = spans[0]
+            for x, y in spans[1:]:
+                if x > b:
+                    c0.append(a), c1.append(b), cn.append(s.nbytes)
+                    a, b = x, y
+                else:
+                    b = max(b, y)
+            c0.append(a), c1.append(b), cn.append(s.nbytes)
+        return _Timeline(np.array(c0, dtype=float), np.array(c1, dtype=float), np.array(cn, dtype=np.int64))
+
     def _retain_info(self, b: int, info: dict, tl: "_Timeline") -> dict:
         """For a backward with retain_graph=True: who reused the graph, when it went, the peak it cost."""
         end = info["t_end"]
@@ -644,12 +665,18 @@ class MemoryCollector:
                 g = self.groups[last.free_group] if last.free_group is not None else None
                 out["released_by"] = (f"the graph was dropped in step {last.free_step}" +
                                       (f", during the forward at {g.site}" if g is not None and g.site else ""))
-        storages = {e.storage.id: e.storage for e in kept}
-        if storages:
-            st = list(storages.values())
-            less = tl.without(np.array([end] * len(st)), np.array([math.inf if s.t1 is None else s.t1 for s in st]),
-                              np.array([s.nbytes for s in st], dtype=np.int64))
-            out["retain_saving_bytes"] = int(tl.peak() - less)
+        if kept and self._retain_budget > 0:  # the peak had this backward freed what it used
+            self._retain_budget -= 1
+            cut = {id(e) for e in kept}
+
+            def end_of(e):
+                t = math.inf if e.t_freed is None else e.t_freed
+                return min(t, end) if id(e) in cut else t
+
+            until = max((math.inf if e.t_freed is None else e.t_freed) for e in kept)
+            less = self._union(self.all_storages, end_of)
+            out["retain_saving_bytes"] = tl.peak_in(end, until) - less.peak_in(end, until)
+            out["retain_peak_saving_bytes"] = tl.peak() - less.peak()
         return out
 
 
@@ -667,13 +694,14 @@ class _Timeline:
     def peak(self) -> int:
         return int(self.vals.max()) if len(self.vals) else 0
 
-    def without(self, a0, a1, anb) -> int:
-        """Peak had the given bytes been released over [a0, a1)."""
-        ts = np.concatenate([self.t0, self.t1, a0, a1])
-        ds = np.concatenate([self.nb, -self.nb, -anb, anb])
-        order = np.lexsort((ds, ts))
-        vals = np.cumsum(ds[order])
-        return int(vals.max()) if len(vals) else 0
+    def peak_in(self, a: float, b: float) -> int:
+        """Largest value over [a, b]."""
+        if len(self.ts) == 0:
+            return 0
+        vals = np.concatenate([[0], self.vals])
+        i = np.searchsorted(self.ts, a, side="right")
+        j = np.searchsorted(self.ts, b, side="right")
+        return int(vals[i:j + 1].max())
 
     def at(self, times):
         """Values at each time, and the peak over (previous time, time]."""

@@ -73,7 +73,9 @@ TABLES: dict[str, dict[str, str]] = {
         "reused_by": NINT,  # retain_graph=True: first later backward that went through the retained graph
         "retained_until": FLOAT,  # when the retained bytes were released (NaN: still alive)
         "released_by": STR,  # what released them: "backward N", "graph dropped in step S ...", "alive"
-        "retain_saving_bytes": NINT,  # how much lower the peak of saved bytes was without this retain
+        "retain_saving_bytes": NINT,  # how much lower the saved-bytes peak would have been while the graph
+        # was retained, had this backward released it
+        "retain_peak_saving_bytes": NINT,  # the same for the peak of the whole recording
     },
     "memory": {
         "t": FLOAT, "step": INT, "event": STR, "live_saved_bytes": INT,
