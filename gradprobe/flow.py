@@ -55,6 +55,8 @@ class Flow:
             if bw is None:
                 return None
             bw.arrived.append(t.index)
+            if not bw.detail:
+                return None  # off detail steps only arrival is noted
             tensor = t.ref()
             if g.numel() >= _SMALL or bw.api == "autograd.grad" or g.is_sparse or tensor is None \
                     or tensor.grad is not None:
@@ -78,9 +80,10 @@ class Flow:
                 infos = [info]
                 self.last_out = (weakref.ref(o), infos)
 
-                def on_out_grad(g, infos=infos):
+                def on_out_grad(grads, infos=infos, nr=o.output_nr):
                     bw = probe.current_bw
-                    if bw is not None and bw.detail:
+                    g = grads[nr] if isinstance(grads, tuple) else grads
+                    if bw is not None and bw.detail and g is not None:
                         flat = g.reshape(-1)
                         sq = torch.dot(flat, flat) if flat.dtype in (torch.float32, torch.float64) \
                             else torch.linalg.vector_norm(flat.float()) ** 2
@@ -88,7 +91,11 @@ class Flow:
                             bw.outs.append((i, sq))
                     return None
 
-                o.register_hook(on_out_grad)  # lives and dies with the graph
+                # a node pre-hook costs half a tensor hook; both live and die with the graph
+                if o.grad_fn is not None:
+                    o.grad_fn.register_prehook(on_out_grad)
+                else:
+                    o.register_hook(on_out_grad)
 
     def remove(self) -> None:
         for h in self.handles:

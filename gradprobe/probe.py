@@ -52,6 +52,7 @@ class Probe(RunView):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"gradprobe.Probe: every must be a positive int, got {every!r}")
         self.track = track
+        self.grads = "grads" in track
         self.every = every
         self.depth = 0
         self.targets = Targets()
@@ -83,6 +84,7 @@ class Probe(RunView):
         self.ran: set[str] = set()  # modules whose forward ran in this step
         self.stack: list = []  # ModuleInfo of forwards running now
         self.quiet = 0  # >0: inside backward, optimizer.step or our own work
+        self._suspended = False  # the mode is off the stack during optimizer.step()
         self.current_bw: BackwardCall | None = None
         self._handles: list = []
         self._orig: dict = {}
@@ -198,7 +200,7 @@ class Probe(RunView):
                 self.memory.install()
             if "cuts" in self.track:
                 self.mode = ProbeMode(self)
-                self.mode.__enter__()
+                torch._C._push_on_torch_function_stack(self.mode)
         except BaseException:
             self._remove()
             raise
@@ -207,8 +209,9 @@ class Probe(RunView):
         """Undo everything _install did; safe to call on a partial install."""
         try:
             if self.mode is not None:
-                self.mode.__exit__(None, None, None)
-                self.mode_tags = None
+                if not self._suspended:
+                    _pop_mode(self.mode)
+                self._suspended = False
                 self.mode = None
         finally:
             if self._orig:
@@ -227,8 +230,6 @@ class Probe(RunView):
             self.stack.clear()
             self.quiet = 0
             self.current_bw = None
-            if self.active_step and self.boundary != "decorator":
-                pass  # the step under way stays open: a later `with probe:` continues it
             Probe._active = None
 
     # --- step boundaries -----------------------------------------------------
@@ -250,9 +251,15 @@ class Probe(RunView):
         self.active_step = False
 
     def _optimizer_pre(self, opt, args, kwargs) -> None:
+        """optimizer.step() is no user graph: stay out of it (the mode steps aside entirely)."""
         self.quiet += 1
+        if self.mode is not None and not self._suspended and _pop_mode(self.mode):
+            self._suspended = True
 
     def _optimizer_post(self, opt, args, kwargs) -> None:
+        if self._suspended:
+            torch._C._push_on_torch_function_stack(self.mode)
+            self._suspended = False
         self.quiet = max(0, self.quiet - 1)
         self.opt_steps += 1
         self.optimizers.add(id(opt))
@@ -279,9 +286,9 @@ class Probe(RunView):
         if not self.stack or self.stack[-1].ref() is not module:
             return
         info = self.stack.pop()
-        if info.params and "grads" in self.track and self.step_idx % self.every == 0 \
-                and torch.is_grad_enabled():
-            self.flow.hook_output(info, out)
+        if info.params and self.grads and self.step_idx % self.every == 0 and torch.is_grad_enabled():
+            with torch._C.DisableTorchFunction():  # our attribute reads need not pass through the mode
+                self.flow.hook_output(info, out)
 
     def current_module(self) -> str | None:
         return self.stack[-1].name if self.stack else None
@@ -368,39 +375,9 @@ class Probe(RunView):
     def _finish_backward(self, bw, roots) -> None:
         self.quiet += 1
         try:
-            stats, outs = self.flow.measure(bw) if "grads" in self.track else ({}, {})
-            tracked = self.targets.tracked
-            indices = range(len(tracked)) if bw.considered is None else bw.considered
-            rows = {c: [] for c in ("param", "module", "status", "cause", "site", "grad_norm",
-                                    "grad_maxabs", "arrival", "numel", "kind")}
-            arrival = {i: k for k, i in enumerate(dict.fromkeys(bw.arrived))}
-            status_by_index = {}
-            none = []
-            for i in indices:
-                t = tracked[i]
-                tensor = t.ref()
-                if tensor is None:
-                    continue
-                s = status_of(stats.get(i), tensor.requires_grad)
-                status_by_index[i] = s
-                if s == "none":
-                    none.append(i)
-            causes = self._explain(bw, none)
-            if bw.detail:
-                for i, s in status_by_index.items():
-                    t = tracked[i]
-                    norm, mx = stats.get(i, (math.nan, math.nan))
-                    cause, where = causes.get(i, (None, None))
-                    for c, v in (("param", t.name), ("module", t.module), ("status", s), ("cause", cause),
-                                 ("site", where), ("grad_norm", norm), ("grad_maxabs", mx),
-                                 ("arrival", arrival.get(i, math.nan)), ("numel", t.numel),
-                                 ("kind", t.kind)):
-                        rows[c].append(v)
-                self.store.extend("params", len(rows["param"]), step=bw.step, backward=bw.index, **rows)
-                self._module_rows(bw, status_by_index, outs)
-            counts = {s: 0 for s in ("flow", "none", "zero", "nonfinite", "frozen")}
-            for s in status_by_index.values():
-                counts[s] += 1
+            counts = {}
+            if "grads" in self.track:
+                counts = self._flow_rows(bw)
             root_cut = self._root_cut(bw)
             self.store.add("backward", step=bw.step, backward=bw.index, site=bw.site,
                            retain_graph=bw.retain_graph, create_graph=bw.create_graph, api=bw.api,
@@ -412,6 +389,44 @@ class Probe(RunView):
                 self.memory.end_backward(bw)
         finally:
             self.quiet -= 1
+
+    def _flow_rows(self, bw) -> dict:
+        """params and modules rows of this backward (on detail steps); returns the status counts.
+
+        Off detail steps (every=N) no gradient is measured: a tensor that got one counts as
+        flow, and zero/nonfinite are unknown (missing).
+        """
+        stats, outs = self.flow.measure(bw) if bw.detail else ({}, {})
+        tracked = self.targets.tracked
+        indices = range(len(tracked)) if bw.considered is None else bw.considered
+        arrived = dict.fromkeys(bw.arrived)
+        live = [(i, tracked[i], tracked[i].ref()) for i in indices]
+        live = [(i, t, x) for i, t, x in live if x is not None]
+        if bw.detail:
+            status = [status_of(stats.get(i), x.requires_grad) for i, t, x in live]
+        else:
+            status = ["frozen" if not x.requires_grad else "flow" if i in arrived else "none"
+                      for i, t, x in live]
+        none = [i for (i, t, x), s in zip(live, status) if s == "none"]
+        causes = self._explain(bw, none)
+        counts = {s: status.count(s) for s in ("flow", "none", "zero", "nonfinite", "frozen")}
+        if not bw.detail:
+            counts["zero"] = counts["nonfinite"] = None
+            return counts
+        order = {i: k for k, i in enumerate(arrived)}
+        nan2 = (math.nan, math.nan)
+        no_cause = (None, None)
+        self.store.extend(
+            "params", len(live), step=bw.step, backward=bw.index,
+            param=[t.name for i, t, x in live], module=[t.module for i, t, x in live], status=status,
+            cause=[causes.get(i, no_cause)[0] for i, t, x in live],
+            site=[causes.get(i, no_cause)[1] for i, t, x in live],
+            grad_norm=[stats.get(i, nan2)[0] for i, t, x in live],
+            grad_maxabs=[stats.get(i, nan2)[1] for i, t, x in live],
+            arrival=[order.get(i, math.nan) for i, t, x in live],
+            numel=[t.numel for i, t, x in live], kind=[t.kind for i, t, x in live])
+        self._module_rows(bw, {i: s for (i, t, x), s in zip(live, status)}, outs)
+        return counts
 
     def _root_cut(self, bw):
         """The cut the backward's roots depend on (the first), if any."""
@@ -485,9 +500,24 @@ class Probe(RunView):
         return {k: v.copy() for k, v in tables.items()}
 
 
+def _pop_mode(mode) -> bool:
+    """Take our mode off the torch-function stack if it is on top (never pop someone else's)."""
+    n = torch._C._len_torch_function_stack()
+    if n and torch._C._get_function_stack_at(n - 1) is mode:
+        torch._C._pop_torch_function_stack()
+        return True
+    return False
+
+
+_SIGNATURES: dict = {}
+
+
 def _bind(fn, args, kwargs) -> dict:
+    sig = _SIGNATURES.get(fn)
+    if sig is None:
+        sig = _SIGNATURES[fn] = inspect.signature(fn)
     try:
-        return inspect.signature(fn).bind(*args, **kwargs).arguments
+        return sig.bind(*args, **kwargs).arguments
     except TypeError:
         return {}
 

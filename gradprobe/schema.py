@@ -66,8 +66,10 @@ TABLES: dict[str, dict[str, str]] = {
         "create_graph": BOOL,
         "api": STR,  # tensor.backward / autograd.backward / autograd.grad
         "t": FLOAT, "duration": FLOAT,
-        "params_flow": INT, "params_none": INT, "params_zero": INT,
-        "params_nonfinite": INT, "params_frozen": INT,
+        # counts of tracked tensors by status; missing when grads are not tracked (zero and
+        # nonfinite also off detail steps, where arrival is noted but nothing is measured)
+        "params_flow": NINT, "params_none": NINT, "params_zero": NINT,
+        "params_nonfinite": NINT, "params_frozen": NINT,
         "error": STR,  # PyTorch's message when the backward raised
         "cut_kind": STR, "cut_site": STR,  # the cut its roots depend on (kind; description with site)
         "reused_by": NINT,  # retain_graph=True: first later backward that went through the retained graph
