@@ -334,7 +334,7 @@ def memory_timeline(memory: pd.DataFrame, findings: pd.DataFrame) -> go.Figure:
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=["saved for backward"] + (["process memory"] if proc_cols else []))
     style = {"live_saved_bytes": ("live saved tensors", "#457b9d", "solid"),
-             "counterfactual_saved_bytes": ("with torch.no_grad() where no backward used the graph", "#2a9d8f", "dash"),
+             "counterfactual_saved_bytes": ("had each graph been freed at its first backward", "#2a9d8f", "dash"),
              "rss_bytes": ("process RSS", "#6c757d", "solid"),
              "cuda_allocated_bytes": ("CUDA allocated", "#e76f51", "solid")}
     for c in cols:

@@ -396,6 +396,8 @@ class Probe(RunView):
         Off detail steps (every=N) no gradient is measured: a tensor that got one counts as
         flow, and zero/nonfinite are unknown (missing).
         """
+        if bw.error and not bw.root_tags:
+            return {}  # it raised midway (e.g. an in-place error): what arrived says nothing; see findings
         stats, outs = self.flow.measure(bw) if bw.detail else ({}, {})
         tracked = self.targets.tracked
         indices = range(len(tracked)) if bw.considered is None else bw.considered

@@ -42,8 +42,13 @@ def summarize(tables: dict, meta: dict) -> str:
             lines.append(f"Frozen: {', '.join(frozen[:6])}{' ...' if len(frozen) > 6 else ''}")
     saved = tables.get("saved")
     if saved is not None and not saved.empty:
+        mem = tables["memory"]
+        peak = next((mem[c].max() for c in ("peak_saved_bytes", "live_saved_bytes") if c in mem and len(mem)), None)
+        cf = mem["peak_counterfactual_bytes"].max() if "peak_counterfactual_bytes" in mem and len(mem) else None
         lines.append(f"Saved for backward: {human_bytes(saved['nbytes'].sum())} in {len(saved)} tensors; "
-                     f"peak live {human_bytes(tables['memory']['live_saved_bytes'].max()) if not tables['memory'].empty else 'n/a'}")
+                     f"peak live {human_bytes(peak)}"
+                     + (f" ({human_bytes(cf)} had each graph been freed at its first backward)"
+                        if cf is not None and pd.notna(cf) and cf != peak else ""))
     findings = findings_from_table(tables["findings"])
     lines.append(f"Findings ({len(findings)}):" if findings else "Findings: none.")
     for f in findings:
