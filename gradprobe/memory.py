@@ -140,6 +140,7 @@ class MemoryCollector:
         self.inplace = _Inplace()
         self.cuda = False
         self.installed = False
+        self.paused = False
         self.ctx = None
         self.hooks = (self._pack, self._unpack)
         self.live_bytes = 0
@@ -158,11 +159,33 @@ class MemoryCollector:
         self._refresh_params()
         self._event("enter")
 
+    def pause(self) -> None:
+        """Off detail steps (every=N) nothing is saved through our hooks: take them off the stack.
+
+        Graphs saved earlier keep their own pack/unpack pair, so their accounting goes on.
+        """
+        if self.installed and not self.paused and self._ours_on_top():
+            self.ctx.__exit__(None, None, None)
+            self.paused = True
+            self.group = None
+
+    def resume(self) -> None:
+        if self.installed and self.paused:
+            self.ctx.__enter__()
+            self.paused = False
+
+    def _ours_on_top(self) -> bool:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        return top is not None and top[0] is self.hooks[0]
+
     def remove(self) -> None:
         if not self.installed:
             return
         self.installed = False
         self.group = None
+        if self.paused:
+            self.paused = False
+            return
         try:
             top = torch._C._autograd._top_saved_tensors_default_hooks(False)
             if top is not None and top[0] is self.hooks[0]:
@@ -347,6 +370,8 @@ class MemoryCollector:
     # --- from the TorchFunctionMode ------------------------------------------------
     def on_op(self, func, args, kwargs, out) -> None:
         """After an op whose output requires grad: name what it saved, mark its graph node."""
+        if self.paused:
+            return
         try:
             self._on_op(func, args, kwargs, out)
         except Exception:

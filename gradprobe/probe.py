@@ -198,6 +198,8 @@ class Probe(RunView):
                 if self.memory is None:
                     self.memory = MemoryCollector(self)
                 self.memory.install()
+                if self.step_idx % self.every:
+                    self.memory.pause()
             if "cuts" in self.track:
                 self.mode = ProbeMode(self)
                 torch._C._push_on_torch_function_stack(self.mode)
@@ -249,6 +251,15 @@ class Probe(RunView):
         self.ran.clear()
         self.step_idx += 1
         self.active_step = False
+        self._sample_memory()
+
+    def _sample_memory(self) -> None:
+        """Memory is accounted on detail steps only (every=N), like the per-parameter rows."""
+        if self.memory is not None and self.depth > 0:
+            if self.step_idx % self.every:
+                self.memory.pause()
+            else:
+                self.memory.resume()
 
     def _optimizer_pre(self, opt, args, kwargs) -> None:
         """optimizer.step() is no user graph: stay out of it (the mode steps aside entirely)."""

@@ -148,3 +148,24 @@ def test_empty_run_summary_says_nothing_was_recorded():
         pass
     assert "Nothing was recorded" in probe.summary()
     assert probe.findings == []
+
+
+def test_every_n_samples_memory_on_detail_steps_and_still_removes_everything():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = installed_state(model)
+    with gp.Probe(model, every=2) as probe:
+        for _ in range(5):
+            model(torch.randn(3, 6)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert installed_state(model)["saved_hooks"] is not None  # step 5 is a detail step
+    assert sorted(probe.to_pandas()["saved"]["step"].unique()) == [0, 2, 4]
+    assert installed_state(model) == before
+    with gp.Probe(model, every=2) as probe:  # leaving during a step that is not sampled
+        model(torch.randn(3, 6)).sum().backward()
+        opt.step()
+        model(torch.randn(3, 6)).sum().backward()  # step 1: memory paused
+        assert installed_state(model)["saved_hooks"] is None
+    assert installed_state(model) == before
+    assert probe.to_pandas()["saved"]["step"].unique().tolist() == [0]
