@@ -115,6 +115,9 @@ def flow_by_layer(params: pd.DataFrame) -> go.Figure:
     why = (causes.dropna(subset=["cause"]).drop_duplicates()
            .assign(w=lambda d: d["cause"].astype(object) + " at " + d["site"].astype(object).fillna("?"))
            .groupby("c")["w"].agg(lambda w: "; ".join(list(w)[:3])))
+    # an invisible row of points keeps every parameter on the shared x axis when the strip is empty
+    fig.add_trace(go.Scatter(x=names, y=[STATUS_STYLE[strip[0]][0]] * len(names), mode="markers",
+                             marker=dict(opacity=0), showlegend=False, hoverinfo="skip"), row=2, col=1)
     for s in strip:
         counts = np.bincount(codes[status == s], minlength=k)
         idx = np.flatnonzero(counts)
@@ -339,7 +342,9 @@ def memory_timeline(memory: pd.DataFrame, findings: pd.DataFrame) -> go.Figure:
              "cuda_allocated_bytes": ("CUDA allocated", "#e76f51", "solid")}
     for c in cols:
         label, colour, dash = style[c]
-        fig.add_trace(go.Scatter(x=d["x"], y=d[c], mode="lines", name=label, line=dict(color=colour, dash=dash),
+        has = d[c].notna()  # RSS is read at step ends only: join its points, not the gaps between them
+        fig.add_trace(go.Scatter(x=d.loc[has, "x"], y=d.loc[has, c], mode="lines" if has.all() else "lines+markers",
+                                 name=label, line=dict(color=colour, dash=dash),
                                  hovertemplate="t=%{x:.3f}s<br>%{y:.4s}B<extra>" + label + "</extra>"),
                       row=1 if c in saved_cols else 2, col=1)
     if not findings.empty and findings["step"].notna().any():
