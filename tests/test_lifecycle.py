@@ -169,3 +169,23 @@ def test_every_n_samples_memory_on_detail_steps_and_still_removes_everything():
         assert installed_state(model)["saved_hooks"] is None
     assert installed_state(model) == before
     assert probe.to_pandas()["saved"]["step"].unique().tolist() == [0]
+
+
+def test_double_backward_gradient_penalty_unchanged():
+    """create_graph=True through saved tensors (WGAN-GP style) gives the same second-order gradients."""
+    def run(probe):
+        torch.manual_seed(3)
+        D = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        x = torch.randn(5, 4, requires_grad=True)
+        with probe if probe is not None else torch.enable_grad():
+            (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+            penalty = ((g.norm(dim=1) - 1) ** 2).mean()
+            penalty.backward()
+        return [None if p.grad is None else p.grad.clone() for p in D.parameters()]
+
+    plain = run(None)
+    probe = gp.Probe(None)
+    probed = run(probe)
+    assert plain[3] is None and probed[3] is None  # the last bias does not change the input gradient
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], probed[:3]))
+    assert probe.to_pandas()["backward"]["api"].tolist() == ["autograd.grad", "tensor.backward"]
