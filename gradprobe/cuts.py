@@ -8,9 +8,12 @@ a graph is walked at most once.
 
 from __future__ import annotations
 
-import torch
-
 _KEY = "gradprobe.upstream"
+
+
+def cause_of(kind: str) -> str:
+    """The `cause` a cut gives a parameter it starved (API.md): `.detach_()` is a detach."""
+    return "detach" if kind == "detach_" else kind
 
 
 class Cut:
@@ -38,7 +41,7 @@ class Cut:
         return f"{what}{where}{inside}"
 
 
-def upstream_leaves(tensor: torch.Tensor, name_of) -> frozenset:
+def upstream_leaves(tensor, name_of) -> frozenset:
     """Names of the leaves requiring grad that `tensor` depends on."""
     if tensor.grad_fn is None:
         return frozenset((name_of(tensor),)) if tensor.requires_grad else frozenset()

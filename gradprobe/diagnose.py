@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .cuts import cause_of
 from .finding import sort_findings
 from .schema import frame
 
@@ -59,7 +60,7 @@ def gradient_findings(tables: dict) -> list[dict]:
         if cause in _CAUSE_TEXT:
             why = _CAUSE_TEXT[cause]
         else:
-            desc = records(cuts.loc[(cuts["site"] == where) & (cuts["kind"].map(_kind_cause) == cause)])
+            desc = records(cuts.loc[(cuts["site"] == where) & (cuts["kind"].map(cause_of) == cause)])
             first = desc[0] if desc else {"kind": cause, "op": None, "module": None}
             why = f"flow stopped by {cut_label(first['kind'], first['op'])} at {where}" + module_label(
                 tables, first["module"])
@@ -124,10 +125,6 @@ def module_label(tables: dict, module) -> str:
     if kind is None:
         return f" (in {module or 'the model'})"
     return f" (in {module}: {kind}.forward)" if "." in module else f" (in {kind}.forward)"
-
-
-def _kind_cause(kind: str) -> str:
-    return "detach" if kind == "detach_" else kind
 
 
 def diagnose(tables: dict) -> pd.DataFrame:

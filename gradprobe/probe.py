@@ -18,17 +18,15 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import __version__
-from .cuts import CutLog
+from .cuts import CutLog, cause_of
 from .flow import BackwardCall, Flow, rollup, status_of
+from .mode import ProbeMode
 from .run import RunView
 from .sites import site
 from .store import Store
 from .targets import Targets
 
 TRACKS = ("grads", "cuts", "memory")
-_CUT_CAUSE = {"detach": "detach", "detach_": "detach", "data": "data", "no_grad": "no_grad",
-              "non_differentiable": "non_differentiable", "to_python": "to_python",
-              "requires_grad_false": "requires_grad_false"}
 
 
 class Probe(RunView):
@@ -36,8 +34,9 @@ class Probe(RunView):
 
     `model`: an nn.Module, a dict of name -> nn.Module, or None (observe every module
     and every leaf tensor a backward reaches). `track`: which collectors run, any of
-    "grads", "cuts", "memory" (default all). `every`: record per-step detail
-    (params/modules rows) every N steps; backward totals are recorded every step.
+    "grads", "cuts", "memory" (default all). `every`: record per-step detail (params and
+    modules rows, gradient norms, saved tensors) every N steps; backward rows, arrival
+    counts and cuts are recorded every step.
     """
 
     _active: "Probe | None" = None
@@ -462,12 +461,12 @@ class Probe(RunView):
                     cut.effective = True
                     if cut.backward is None:
                         cut.backward = bw.index
-                    out[i] = (_CUT_CAUSE[cut.kind], cut.site)
+                    out[i] = (cause_of(cut.kind), cut.site)
                     break
             else:
                 for cut in step_cuts:
                     if name in cut.upstream:
-                        out[i] = (_CUT_CAUSE[cut.kind], cut.site)
+                        out[i] = (cause_of(cut.kind), cut.site)
                         break
                 else:
                     module = tracked[i].module
@@ -549,5 +548,3 @@ def _graph_leaves(roots):
         stack.extend(n for n, _ in node.next_functions)
     return leaves
 
-
-from .mode import ProbeMode  # noqa: E402  (mode imports nothing from here at import time)
