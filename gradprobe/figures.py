@@ -290,17 +290,17 @@ def saved_memory(saved: pd.DataFrame) -> go.Figure:
     freed = (d.groupby(["kind", "module", "op", "freed_by"], sort=False).size()
              .reset_index().groupby(["kind", "module", "op"], sort=False)
              .apply(lambda f: ", ".join(f"{c} {w}" for w, c in zip(f["freed_by"], f[0])), include_groups=False))
-    ids, labels, parents, values, colours, info = [], [], [], [], [], []
+    nodes = []  # (id, label, parent, bytes, kind, text): kind -> module -> op
     for kind, kb in leaf.groupby(level="kind", sort=False)["nbytes"].sum().items():
-        ids.append(kind); labels.append(kind); parents.append(""); values.append(kb)
-        colours.append(KIND_COLOUR.get(kind, "#cccccc")); info.append(human_bytes(kb))
+        nodes.append((kind, kind, "", kb, kind, human_bytes(kb)))
     for (kind, mod), mb in leaf.groupby(level=["kind", "module"], sort=False)["nbytes"].sum().items():
-        ids.append(f"{kind}/{mod}"); labels.append(mod); parents.append(kind); values.append(mb)
-        colours.append(KIND_COLOUR.get(kind, "#cccccc")); info.append(human_bytes(mb))
+        nodes.append((f"{kind}/{mod}", mod, kind, mb, kind, human_bytes(mb)))
     for (kind, mod, op), r in leaf.iterrows():
-        ids.append(f"{kind}/{mod}/{op}"); labels.append(op); parents.append(f"{kind}/{mod}")
-        values.append(r["nbytes"]); colours.append(KIND_COLOUR.get(kind, "#cccccc"))
-        info.append(f"{human_bytes(r['nbytes'])} in {_plural(int(r['n']), 'tensor')}<br>freed by: {freed.get((kind, mod, op), '?')}")
+        text = (f"{human_bytes(r['nbytes'])} in {_plural(int(r['n']), 'tensor')}"
+                f"<br>freed by: {freed.get((kind, mod, op), '?')}")
+        nodes.append((f"{kind}/{mod}/{op}", op, f"{kind}/{mod}", r["nbytes"], kind, text))
+    ids, labels, parents, values, kinds, info = (list(c) for c in zip(*nodes))
+    colours = [KIND_COLOUR.get(k, "#cccccc") for k in kinds]
     fig = go.Figure(go.Treemap(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
                                marker=dict(colors=colours), customdata=info, sort=True,
                                texttemplate="<b>%{label}</b><br>%{customdata}",

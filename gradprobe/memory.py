@@ -560,7 +560,6 @@ class MemoryCollector:
     def _fill(self, tables: dict) -> None:
         entries = self.entries
         self._retain_budget = 100  # retain_saving_bytes for the first 100 retaining backwards (each is O(n))
-        bw_end = {k: v["t_end"] for k, v in self.bw.items()}
         cols = {c: [] for c in ("step", "module", "op", "nbytes", "kind", "freed_by", "func", "param", "shape",
                                 "dtype", "device", "storage", "storage_bytes", "view_bytes", "alloc_bytes",
                                 "graph", "site", "t_saved", "t_freed", "backward", "last_backward",
