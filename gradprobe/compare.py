@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .memdiag import human
+from .text import human_bytes
 
 MODES = ("grad", "no_grad", "inference_mode")
 
@@ -137,9 +138,7 @@ class Comparison:
 
 
 def _size(v) -> str:
-    if v is None or pd.isna(v):
-        return "n/a"
-    return human(int(v)).split(" (")[0]
+    return human_bytes(v, missing="n/a")
 
 
 def _pct(a, b) -> str:

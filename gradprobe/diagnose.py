@@ -7,12 +7,7 @@ import pandas as pd
 from .cuts import cause_of
 from .finding import sort_findings
 from .schema import frame
-
-
-def records(df: pd.DataFrame) -> list[dict]:
-    """Rows as dicts with missing values as None (pandas gives NaN for a missing str)."""
-    return [{k: (None if not isinstance(v, (list, str)) and pd.isna(v) else v) for k, v in r.items()}
-            for r in df.to_dict("records")]
+from .text import is_missing, records
 
 
 def _names(params: list[str], shown: int = 1) -> str:
@@ -55,8 +50,8 @@ def gradient_findings(tables: dict) -> list[dict]:
         names = list(dict.fromkeys(g["param"]))
         never = [n for n in names if n not in got]
         severity = "error" if never else "info"
-        cause = None if pd.isna(cause) else cause
-        where = None if pd.isna(where) else where
+        cause = None if is_missing(cause) else cause
+        where = None if is_missing(where) else where
         if cause in _CAUSE_TEXT:
             why = _CAUSE_TEXT[cause]
         else:
@@ -117,7 +112,7 @@ def cut_label(kind: str, op: str | None) -> str:
 
 def module_label(tables: dict, module) -> str:
     """` (in Generator.forward)` / ` (in heads.aux: Linear.forward)`; empty when outside any module."""
-    if module is None or (not isinstance(module, str) and pd.isna(module)):
+    if is_missing(module):
         return ""
     mods = tables["modules"]
     types = mods.loc[mods["module"] == module, "type"].dropna() if "type" in mods else []

@@ -14,6 +14,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .text import human_bytes
+
 # status -> (legend label, colour, marker symbol); `flow` is drawn as norms, the rest never as 0
 STATUS_STYLE = {
     "flow": ("gradient flowed", "#2a9d8f", "circle"),
@@ -28,18 +30,6 @@ MAX_COLUMNS = 500  # heatmap columns (steps) before binning
 MAX_POINTS = 2000  # points per timeline trace before binning
 MAX_PANELS = 4  # backward panels in the branches figure
 TEMPLATE = "plotly_white"
-
-
-def human_bytes(n) -> str:
-    """1536 -> '1.5 KiB'; missing -> '' (a missing size is not 0 bytes)."""
-    if n is None or (not isinstance(n, str) and pd.isna(n)):
-        return ""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""  # pragma: no cover
 
 
 def make_figures(tables: dict[str, pd.DataFrame], meta: dict | None = None) -> dict[str, go.Figure]:

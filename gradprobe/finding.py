@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .text import records
+
 SEVERITIES = ("error", "warning", "info")
 
 
@@ -37,16 +39,12 @@ def sort_findings(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def findings_from_table(df: pd.DataFrame) -> list[Finding]:
-    def clean(v):
-        return None if v is None or (not isinstance(v, (list, str)) and pd.isna(v)) else v
-
     out = []
-    for row in sort_findings(df).to_dict("records"):
+    for row in records(sort_findings(df)):
         out.append(Finding(
-            kind=row["kind"], severity=row["severity"], message=row["message"],
-            site=clean(row.get("site")),
-            nbytes=None if clean(row.get("nbytes")) is None else int(row["nbytes"]),
-            step=None if clean(row.get("step")) is None else int(row["step"]),
+            kind=row["kind"], severity=row["severity"], message=row["message"], site=row.get("site"),
+            nbytes=None if row.get("nbytes") is None else int(row["nbytes"]),
+            step=None if row.get("step") is None else int(row["step"]),
             params=list(row.get("params") or []),
         ))
     return out

@@ -10,18 +10,12 @@ import warnings
 
 import pandas as pd
 
+from .text import human_bytes
+
 
 def human(n) -> str:
     """1536 -> '1.5 KiB (1,536 bytes)'."""
-    if n is None or pd.isna(n):
-        return "an unknown number of bytes"
-    n = int(n)
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < 1024 or unit == "TiB":
-            break
-        v /= 1024
-    return f"{n:,} bytes" if unit == "B" else f"{v:.1f} {unit} ({n:,} bytes)"
+    return human_bytes(n, missing="an unknown number of bytes", exact=True)
 
 
 def _seconds(s) -> str:

@@ -12,7 +12,8 @@ import html
 
 import pandas as pd
 
-from .figures import human_bytes, make_figures
+from .figures import make_figures
+from .text import human_bytes, is_missing
 from .finding import sort_findings
 from .runfile import write_atomic, writable_path
 from .schema import TABLES
@@ -59,10 +60,6 @@ def _esc(v) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def _missing(v) -> bool:
-    return v is None or (not isinstance(v, (str, list, tuple)) and pd.isna(v))
-
-
 def findings_html(findings: pd.DataFrame) -> str:
     """The findings as an HTML table, most severe first; an explicit line when there are none."""
     if findings is None or findings.empty:
@@ -78,9 +75,9 @@ def findings_html(findings: pd.DataFrame) -> str:
             f'<tr><td><span class="sev sev-{_esc(sev)}">{_esc(sev)}</span></td><td>{_esc(f.get("kind"))}</td>'
             f'<td>{_esc(f.get("message"))}'
             + (f'<br><span class="note">parameters: {_esc(shown)}</span>' if shown else "")
-            + f'</td><td>{"" if _missing(site) else "<code>" + _esc(site) + "</code>"}</td>'
+            + f'</td><td>{"" if is_missing(site) else "<code>" + _esc(site) + "</code>"}</td>'
             f'<td class="num">{_esc(human_bytes(f.get("nbytes")))}</td>'
-            f'<td class="num">{"" if _missing(f.get("step")) else int(f["step"])}</td></tr>')
+            f'<td class="num">{"" if is_missing(f.get("step")) else int(f["step"])}</td></tr>')
     head = "<tr><th>severity</th><th>kind</th><th>message</th><th>site</th><th>bytes</th><th>step</th></tr>"
     return f'<table class="findings">{head}{"".join(rows)}</table>'
 

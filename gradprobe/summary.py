@@ -5,17 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .finding import findings_from_table
-
-
-def human_bytes(n) -> str:
-    if n is None or pd.isna(n):
-        return "n/a"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from .text import human_bytes
 
 
 def summarize(tables: dict, meta: dict) -> str:
@@ -45,8 +35,8 @@ def summarize(tables: dict, meta: dict) -> str:
         mem = tables["memory"]
         peak = next((mem[c].max() for c in ("peak_saved_bytes", "live_saved_bytes") if c in mem and len(mem)), None)
         cf = mem["peak_counterfactual_bytes"].max() if "peak_counterfactual_bytes" in mem and len(mem) else None
-        lines.append(f"Saved for backward: {human_bytes(saved['nbytes'].sum())} in {len(saved)} tensors; "
-                     f"peak live {human_bytes(peak)}"
+        lines.append(f"Saved for backward: {human_bytes(saved['nbytes'].sum(), 'n/a')} in {len(saved)} tensors; "
+                     f"peak live {human_bytes(peak, 'n/a')}"
                      + (f" ({human_bytes(cf)} had each graph been freed at its first backward)"
                         if cf is not None and pd.notna(cf) and cf != peak else ""))
     findings = findings_from_table(tables["findings"])
