@@ -72,7 +72,8 @@ class Flow:
         probe = self.probe
 
         for o in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(o, torch.Tensor) and o.requires_grad:
+            # a leaf output (a module returning a parameter) has no node: its own hook covers it
+            if isinstance(o, torch.Tensor) and o.grad_fn is not None:
                 last, infos = self.last_out
                 if last() is o:  # a container returning its child's output: one hook serves both
                     infos.append(info)
@@ -91,11 +92,8 @@ class Flow:
                             bw.outs.append((i, sq))
                     return None
 
-                # a node pre-hook costs half a tensor hook; both live and die with the graph
-                if o.grad_fn is not None:
-                    o.grad_fn.register_prehook(on_out_grad)
-                else:
-                    o.register_hook(on_out_grad)
+                # a node pre-hook costs half a tensor hook and lives and dies with the graph
+                o.grad_fn.register_prehook(on_out_grad)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -85,15 +85,14 @@ def _retain(tables: dict) -> list[dict]:
     bw = tables.get("backward")
     if bw is None or bw.empty or "reused_by" not in bw:
         return []
-    r = bw[bw["retain_graph"].astype(bool) & (bw["retained_bytes"].fillna(0) > 0)]
+    # create_graph implies retain_graph (the higher-order graph is the point): never advice to drop it
+    r = bw[bw["retain_graph"].astype(bool) & ~bw["create_graph"].astype(bool) & (bw["retained_bytes"].fillna(0) > 0)]
     rows = []
     for (where, reused), g in r.groupby([r["site"].astype(object).fillna("?"), r["reused_by"].notna()], sort=False):
         first = g.iloc[0]
         nbytes = int(g["retained_bytes"].max())
         calls = f"{len(g)} backward calls ({_steps(g['step'])})" if len(g) > 1 else f"backward {first['backward']}"
         if not reused:
-            if g["create_graph"].all():
-                continue  # create_graph implies retain_graph; the higher-order graph is the point
             held = g["retained_until"] - g["t"] - g["duration"].fillna(0)
             how_long = (f" for {_seconds(float(held.max()))}" if held.notna().any() else "")
             until = first["released_by"] if pd.notna(first["released_by"]) else "the end of the run"
@@ -109,6 +108,8 @@ def _retain(tables: dict) -> list[dict]:
                    f"{until}.{peak} Remove retain_graph=True: a loss computed by a new forward has its own graph.")
             rows.append({"kind": "retain_graph_unneeded", "severity": "warning", "message": msg, "site": where,
                          "nbytes": nbytes, "step": int(first["step"]), "params": []})
+        elif (g["api"] == "autograd.grad").all():
+            continue  # torch.autograd.grad then backward through the same graph: no sum of losses replaces it
         else:
             later = int(first["reused_by"])
             other = bw.loc[bw["backward"] == later, "site"]

@@ -245,8 +245,11 @@ class MemoryCollector:
     # --- hooks -----------------------------------------------------------------
     def _pack(self, t):
         d = t.detach()
+        bw = self.probe.current_bw
         try:
-            idx = self._record(t, d) if self.installed else -1
+            # saves made during a backward belong to a recompute (reentrant checkpoint), unless the
+            # backward builds a graph of its own (create_graph)
+            idx = self._record(t, d) if self.installed and (bw is None or bw.create_graph) else -1
         except Exception:
             idx = -1
         return (d, d._version, idx)
@@ -517,6 +520,20 @@ class MemoryCollector:
             self._event("step_end", rss=True, **row)
         except Exception:
             pass
+
+    def merge_steps(self) -> None:
+        """The probe folded the steps so far into step 0 (the first iteration): follow it."""
+        for e in self.entries:
+            e.step = 0
+            if e.free_step is not None:
+                e.free_step = 0
+        for g in self.groups:
+            g.step = 0
+        for ev in self.events:
+            ev["step"] = 0
+        for b in self.bw.values():
+            b["step"] = 0
+        self.bridges = []  # both sides are now the same step: nothing bridges steps
 
     def _retaining_backward(self, groups):
         for g in groups:

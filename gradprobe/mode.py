@@ -28,6 +28,12 @@ _SILENT = {Tensor.backward, Tensor.register_hook, Tensor.grad_fn.__get__, Tensor
            Tensor.grad.__get__, Tensor.is_leaf.__get__}
 
 
+def _shape_only(func) -> bool:
+    """zeros_like, new_empty, ...: the output depends on the input's shape only, so nothing was cut."""
+    name = getattr(func, "__name__", "")
+    return name.endswith("_like") or name.startswith("new_")
+
+
 def _tensors(args, kwargs):
     for a in args:
         if isinstance(a, Tensor):
@@ -134,7 +140,7 @@ class ProbeMode(TorchFunctionMode):
                 p.memory.on_op(func, args, kwargs, out)
             return out
         sources = _grad_inputs(args, kwargs)
-        if sources:
+        if sources and not _shape_only(func):
             if func is Tensor.detach:
                 kind, op = "detach", "detach"
             elif func == _DATA_GET:  # method-wrappers are made anew per access: compare, not `is`

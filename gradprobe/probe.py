@@ -82,7 +82,7 @@ class Probe(RunView):
         self.active_step = False  # something happened in the current step
         self.ran: set[str] = set()  # modules whose forward ran in this step
         self.stack: list = []  # ModuleInfo of forwards running now
-        self.quiet = 0  # >0: inside backward, optimizer.step or our own work
+        self.quiet = 0  # >0: inside backward or our own work
         self._suspended = False  # the mode is off the stack during optimizer.step()
         self.current_bw: BackwardCall | None = None
         self._handles: list = []
@@ -133,9 +133,8 @@ class Probe(RunView):
         for cut in self.cutlog.cuts:
             cut.step = 0
         self.store.version += 1
-        merge = getattr(self.memory, "merge_steps", None)
-        if merge is not None:
-            merge()
+        if self.memory is not None:
+            self.memory.merge_steps()
         self.step_idx = 0
 
     def __call__(self, fn):
@@ -261,16 +260,21 @@ class Probe(RunView):
                 self.memory.resume()
 
     def _optimizer_pre(self, opt, args, kwargs) -> None:
-        """optimizer.step() is no user graph: stay out of it (the mode steps aside entirely)."""
-        self.quiet += 1
+        """optimizer.step() makes no user graph: the mode steps aside (its ops would only cost time).
+
+        A forward or backward seen while it is aside (an LBFGS closure, or a step that raised
+        before its post-hook) brings it back: see _resume_mode.
+        """
         if self.mode is not None and not self._suspended and _pop_mode(self.mode):
             self._suspended = True
 
-    def _optimizer_post(self, opt, args, kwargs) -> None:
+    def _resume_mode(self) -> None:
         if self._suspended:
             torch._C._push_on_torch_function_stack(self.mode)
             self._suspended = False
-        self.quiet = max(0, self.quiet - 1)
+
+    def _optimizer_post(self, opt, args, kwargs) -> None:
+        self._resume_mode()
         self.opt_steps += 1
         self.optimizers.add(id(opt))
         if self.boundary == "optimizer" and self.active_step:
@@ -280,6 +284,8 @@ class Probe(RunView):
     def _forward_pre(self, module, args) -> None:
         if self.quiet:
             return
+        if self._suspended:
+            self._resume_mode()
         info = self.targets.info_of(module)
         if info is None:
             if not (self.discover and not self.stack):
@@ -334,7 +340,8 @@ class Probe(RunView):
 
     def _run_backward(self, fn, args, kwargs, api, roots, inputs, retain, create):
         if self.quiet or self.current_bw is not None or Probe._active is not self:
-            return fn(*args, **kwargs)  # nested (reentrant checkpoint), inside optimizer, or stale patch
+            return fn(*args, **kwargs)  # nested (reentrant checkpoint), our own work, or a stale patch
+        self._resume_mode()
         self._touch()
         roots = [roots] if isinstance(roots, torch.Tensor) else [r for r in (roots or ()) if
                                                                   isinstance(r, torch.Tensor)]
@@ -415,7 +422,9 @@ class Probe(RunView):
         live = [(i, tracked[i], tracked[i].ref()) for i in indices]
         live = [(i, t, x) for i, t, x in live if x is not None]
         if bw.detail:
-            status = [status_of(stats.get(i), x.requires_grad) for i, t, x in live]
+            # arrived but not measurable (an optimizer in a post-accumulate hook took .grad): flow, norm NaN
+            status = [status_of(stats.get(i), x.requires_grad) if i in stats or i not in arrived
+                      else "flow" if x.requires_grad else "frozen" for i, t, x in live]
         else:
             status = ["frozen" if not x.requires_grad else "flow" if i in arrived else "none"
                       for i, t, x in live]

@@ -42,6 +42,7 @@ class Targets:
         self.modules: list[ModuleInfo] = []
         self.by_id: dict[int, ModuleInfo] = {}  # id(module) -> ModuleInfo (checked against info.ref)
         self.leaf_names = WeakIdKeyDictionary()  # leaf tensor -> tensor@FILE:LINE
+        self.leaf_by_name: dict[str, Tracked] = {}  # loose leaves found by backward walks
         self._anonymous = 0
         self._classes: dict[str, int] = {}
         self.on_new = None  # callback(Tracked) when a tensor starts being tracked
@@ -106,4 +107,20 @@ class Targets:
         return name
 
     def track_leaf(self, tensor: torch.Tensor) -> Tracked:
-        return self.track(tensor, self.name_of(tensor), None, "leaf")
+        """A leaf reached by a backward (model=None). A new tensor made at the same line as a dead
+        one (an input with requires_grad each step) takes over its entry, so entries do not pile up."""
+        t = self.by_tensor.get(tensor)
+        if t is not None:
+            return t
+        name = self.name_of(tensor)
+        old = self.leaf_by_name.get(name)
+        if old is not None and old.ref() is None:
+            old.ref = weakref.ref(tensor)
+            old.numel = tensor.numel()
+            self.by_tensor[tensor] = old
+            if self.on_new is not None:
+                self.on_new(old)
+            return old
+        t = self.track(tensor, name, None, "leaf")
+        self.leaf_by_name[name] = t
+        return t
