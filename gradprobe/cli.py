@@ -111,9 +111,9 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_summary(args) -> int:
-    from .report import summary_text  # falls back to a short summary if gradprobe.summary is missing
+    from .summary import summarize
     run = _load(args.run)
-    print(summary_text(run.to_pandas(), run.meta))
+    print(summarize(run.to_pandas(), run.meta))
     return 0
 
 

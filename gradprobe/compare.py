@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .memdiag import human
+from .memory import _rss
 from .text import human_bytes
 
 MODES = ("grad", "no_grad", "inference_mode")
@@ -23,14 +24,6 @@ MODES = ("grad", "no_grad", "inference_mode")
 
 def _ctx(mode):
     return {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]()
-
-
-def _rss():
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss
-    except Exception:
-        return None
 
 
 def _on_cuda(fn, inputs) -> bool:

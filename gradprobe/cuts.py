@@ -16,6 +16,25 @@ def cause_of(kind: str) -> str:
     return "detach" if kind == "detach_" else kind
 
 
+_CAUSE_LABEL = {"detach": ".detach()", "data": ".data", "no_grad": "torch.no_grad()/inference_mode",
+                "non_differentiable": "a non-differentiable op", "to_python": "a conversion to Python",
+                "requires_grad_false": "requires_grad_(False)"}
+
+
+def cut_label(kind: str, op: str | None) -> str:
+    """How a user would write the cut: `.detach()`, `argmax()`, `.item()`..."""
+    if kind == "non_differentiable" and op:
+        return f"non-differentiable {op}()"
+    if kind == "to_python" and op:
+        return f".{op}()" if op in ("item", "tolist", "numpy") else f"{op}(tensor)"
+    if kind == "no_grad" and op:
+        return f"{op}() under torch.no_grad()/inference_mode"
+    if kind == "detach_":
+        return ".detach_()"
+    return _CAUSE_LABEL.get(kind, kind)
+
+
+
 class Cut:
     __slots__ = ("id", "step", "kind", "op", "site", "module", "upstream", "count", "effective", "backward")
 
@@ -32,10 +51,7 @@ class Cut:
                 "op": self.op, "count": self.count, "backward": self.backward}
 
     def describe(self) -> str:
-        what = {"detach": ".detach()", "detach_": ".detach_()", "data": ".data",
-                "no_grad": "torch.no_grad()/inference_mode", "requires_grad_false": "requires_grad_(False)",
-                "non_differentiable": f"non-differentiable {self.op}()",
-                "to_python": f".{self.op}()"}.get(self.kind, self.kind)
+        what = cut_label(self.kind, self.op)
         where = f" at {self.site}" if self.site else ""
         inside = f" (in {self.module})" if self.module else ""
         return f"{what}{where}{inside}"

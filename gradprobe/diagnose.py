@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .cuts import cause_of
+from .cuts import cause_of, cut_label
 from .finding import sort_findings
+from .memdiag import memory_findings
 from .schema import frame
-from .text import is_missing, records
+from .text import is_missing, records, span
 
 
 def _names(params: list[str], shown: int = 1) -> str:
     head = ", ".join(f"`{p}`" for p in params[:shown])
     more = len(params) - shown
     return head + (f" and {more} more" if more > 0 else "")
-
-
-def _backwards(bws: list[int]) -> str:
-    bws = sorted(set(bws))
-    if len(bws) == 1:
-        return f"backward {bws[0]}"
-    if len(bws) <= 4:
-        return "backwards " + ", ".join(map(str, bws))
-    return f"{len(bws)} backwards ({bws[0]}..{bws[-1]})"
 
 
 _CAUSE_TEXT = {
@@ -62,7 +54,7 @@ def gradient_findings(tables: dict) -> list[dict]:
         tail = "" if never else " They received gradients in other backward calls, so this looks deliberate."
         rows.append({"kind": "no_gradient", "severity": severity, "site": where,
                      "step": int(g["step"].min()), "params": names,
-                     "message": f"{_names(names)} received no gradient in {_backwards(g['backward'].tolist())}: "
+                     "message": f"{_names(names)} received no gradient in {span(g['backward'], 'backward')}: "
                                 f"{why}.{tail}"})
     none_params = set(none["param"])
     effective = cuts[cuts["effective"]]
@@ -71,12 +63,11 @@ def gradient_findings(tables: dict) -> list[dict]:
         cut_off = list(dict.fromkeys(p for ups in g["upstream"] for p in ups if p in none_params))
         deliberate = all(p in got for p in cut_off)
         steps = sorted(set(g["step"]))
-        when = f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps ({steps[0]}..{steps[-1]})"
         rows.append({"kind": "detach_cut", "severity": "info" if deliberate else "warning",
                      "site": r["site"], "step": steps[0], "params": cut_off,
                      "message": f"{cut_label(kind, r['op'])} at {r['site']}{module_label(tables, r['module'])}"
                                 f" stopped gradient flow to "
-                                f"{_names(cut_off, 2)} in {when}."
+                                f"{_names(cut_off, 2)} in {span(steps, 'step')}."
                                 + (" Those parameters got gradients from another backward, as in a GAN's "
                                    "discriminator step: fine if intended." if deliberate else
                                    " Nothing else gave them a gradient: if they should train, remove the cut.")})
@@ -92,24 +83,6 @@ def gradient_findings(tables: dict) -> list[dict]:
     return rows
 
 
-_CAUSE_LABEL = {"detach": ".detach()", "data": ".data", "no_grad": "torch.no_grad()/inference_mode",
-                "non_differentiable": "a non-differentiable op", "to_python": "a conversion to Python",
-                "requires_grad_false": "requires_grad_(False)"}
-
-
-def cut_label(kind: str, op: str | None) -> str:
-    """How a user would write the cut: `.detach()`, `argmax()`, `.item()`..."""
-    if kind == "non_differentiable" and op:
-        return f"non-differentiable {op}()"
-    if kind == "to_python" and op:
-        return f".{op}()" if op in ("item", "tolist", "numpy") else f"{op}(tensor)"
-    if kind == "no_grad" and op:
-        return f"{op}() under torch.no_grad()/inference_mode"
-    if kind == "detach_":
-        return ".detach_()"
-    return _CAUSE_LABEL.get(kind, kind)
-
-
 def module_label(tables: dict, module) -> str:
     """` (in Generator.forward)` / ` (in heads.aux: Linear.forward)`; empty when outside any module."""
     if is_missing(module):
@@ -123,11 +96,5 @@ def module_label(tables: dict, module) -> str:
 
 
 def diagnose(tables: dict) -> pd.DataFrame:
-    rows = gradient_findings(tables)
-    try:
-        from .memdiag import memory_findings
-    except ImportError:
-        memory_findings = None
-    if memory_findings is not None:
-        rows += memory_findings(tables)
+    rows = gradient_findings(tables) + memory_findings(tables)
     return sort_findings(frame("findings", rows))

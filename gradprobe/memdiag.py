@@ -10,7 +10,7 @@ import warnings
 
 import pandas as pd
 
-from .text import human_bytes
+from .text import human_bytes, span
 
 
 def human(n) -> str:
@@ -20,11 +20,6 @@ def human(n) -> str:
 
 def _seconds(s) -> str:
     return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
-
-
-def _steps(steps) -> str:
-    steps = sorted(set(int(s) for s in steps))
-    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
 
 
 def _col(df: pd.DataFrame, c: str) -> pd.Series:
@@ -91,7 +86,7 @@ def _retain(tables: dict) -> list[dict]:
     for (where, reused), g in r.groupby([r["site"].astype(object).fillna("?"), r["reused_by"].notna()], sort=False):
         first = g.iloc[0]
         nbytes = int(g["retained_bytes"].max())
-        calls = f"{len(g)} backward calls ({_steps(g['step'])})" if len(g) > 1 else f"backward {first['backward']}"
+        calls = f"{len(g)} backward calls ({span(g['step'], 'step')})" if len(g) > 1 else f"backward {first['backward']}"
         if not reused:
             held = g["retained_until"] - g["t"] - g["duration"].fillna(0)
             how_long = (f" for {_seconds(float(held.max()))}" if held.notna().any() else "")
@@ -188,7 +183,7 @@ def _unused(tables: dict) -> list[dict]:
         times = f"{n} graphs" if n > 1 else "a graph"
         total = f" ({human(int(g['act'].sum()))} over all {n})" if n > 1 else ""
         msg = (f"The forward at {where} built {times} that no backward used (validation, metrics or logging "
-               f"outside torch.no_grad()?), in {_steps(g['step'])}: each saved up to {human(each)} of activations "
+               f"outside torch.no_grad()?), in {span(g['step'], 'step')}: each saved up to {human(each)} of activations "
                f"for nothing{total}. Wrap it in `with torch.no_grad():` (or `torch.inference_mode()`) to save "
                "that memory and time.")
         rows.append({"kind": "unused_graph", "severity": "warning", "message": msg, "site": where,
@@ -208,7 +203,7 @@ def _shadowed(tables: dict) -> list[dict]:
         rows.append({"kind": "saved_hooks_shadowed", "severity": "info", "site": where, "nbytes": None,
                      "step": int(g["step"].min()), "params": [],
                      "message": f"At {where}{inside} other saved_tensors_hooks (torch.utils.checkpoint, "
-                                f"torch.autograd.graph.save_on_cpu) were active in {_steps(g['step'])} and "
+                                f"torch.autograd.graph.save_on_cpu) were active in {span(g['step'], 'step')} and "
                                 "took the saved tensors instead of gradprobe: those are missing from the saved "
                                 "table, so saved bytes there are a lower bound (usually fine: that is what "
                                 "checkpointing and offloading are for)."})

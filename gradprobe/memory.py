@@ -25,6 +25,7 @@ import torch
 
 from .schema import TABLES, frame
 from .sites import site
+from .text import span
 
 _KEY = "gradprobe.graph"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -71,12 +72,11 @@ class _Ref(weakref.ref):
 class _Group:
     """The graph one forward built (from a root module call, or from the first op after a boundary)."""
 
-    __slots__ = ("id", "step", "site", "t", "nodes", "n_nodes", "entries", "live", "live_bytes")
+    __slots__ = ("id", "step", "site", "t", "nodes", "entries", "live", "live_bytes")
 
     def __init__(self, id, step, site, t):
         self.id, self.step, self.site, self.t = id, step, site, t
         self.nodes = 0  # live graph nodes (with our sentinel)
-        self.n_nodes = 0  # nodes ever marked
         self.entries: list[int] = []  # saved entries
         self.live = 0  # saved entries still held
         self.live_bytes = 0  # bytes of non-parameter storages this group opened and still holds
@@ -90,7 +90,6 @@ class _Node:
     def __init__(self, group):
         self.group = group
         group.nodes += 1
-        group.n_nodes += 1
 
     def __del__(self):
         self.group.nodes -= 1
@@ -143,7 +142,6 @@ class MemoryCollector:
         self.paused = False
         self.ctx = None
         self.hooks = (self._pack, self._unpack)
-        self.live_bytes = 0
 
     # --- install / remove ----------------------------------------------------
     def install(self) -> None:
@@ -294,7 +292,6 @@ class MemoryCollector:
                 self.storages[key] = s
             if kind != "parameter":
                 g.live_bytes += nb
-            self.live_bytes += nb
             nbytes = nb
         else:
             nbytes = 0
@@ -364,7 +361,6 @@ class MemoryCollector:
                     del self.storages[s.key]
                 if s.kind != "parameter":
                     s.group.live_bytes -= s.nbytes
-                self.live_bytes -= s.nbytes
             e.group.live -= 1
             p.store.version += 1
         except Exception:
@@ -516,7 +512,7 @@ class MemoryCollector:
                     row.update(leak_site=retain, leak_cause="retain_graph")
                 else:
                     row.update(leak_site=oldest.site, leak_cause="reference")
-                row["note"] = f"step {_span(steps)}" if len(steps) == 1 else f"steps {_span(steps)}"
+                row["note"] = span(steps, "step")
             self._event("step_end", rss=True, **row)
         except Exception:
             pass
@@ -793,5 +789,3 @@ def _arg_keys(args, kwargs) -> set:
     return keys
 
 
-def _span(steps) -> str:
-    return str(steps[0]) if len(steps) == 1 else f"{steps[0]}..{steps[-1]}"

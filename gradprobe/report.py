@@ -13,6 +13,7 @@ import html
 import pandas as pd
 
 from .figures import make_figures
+from .summary import summarize
 from .text import human_bytes, is_missing
 from .finding import sort_findings
 from .runfile import write_atomic, writable_path
@@ -82,34 +83,6 @@ def findings_html(findings: pd.DataFrame) -> str:
     return f'<table class="findings">{head}{"".join(rows)}</table>'
 
 
-def _fallback_summary(tables: dict[str, pd.DataFrame]) -> str:
-    """A few counts, used only until/unless gradprobe.summary is available."""
-    params, bw, mem = tables.get("params"), tables.get("backward"), tables.get("memory")
-    lines = []
-    steps = bw["step"].nunique() if bw is not None and len(bw) else (params["step"].nunique() if params is not None and len(params) else 0)
-    lines.append(f"steps: {steps}")
-    lines.append(f"backward calls: {len(bw) if bw is not None else 0}")
-    if params is not None and len(params):
-        by = params.groupby("status")["param"].nunique()
-        lines.append("parameters by status (at least once): "
-                     + ", ".join(f"{s} {int(n)}" for s, n in by.items()))
-    if mem is not None and len(mem) and mem["live_saved_bytes"].notna().any():
-        lines.append(f"peak saved bytes: {human_bytes(mem['live_saved_bytes'].max())}")
-    findings = tables.get("findings")
-    if findings is not None and len(findings):
-        lines.append(f"findings: {len(findings)}")
-        lines += [f"  [{f['severity']}] {f['kind']}: {f['message']}" for f in sort_findings(findings).to_dict("records")]
-    return "\n".join(lines)
-
-
-def summary_text(tables: dict[str, pd.DataFrame], meta: dict) -> str:
-    try:
-        from .summary import summarize
-    except ImportError:
-        return _fallback_summary(tables)
-    return summarize(tables, meta)
-
-
 def _meta_line(meta: dict) -> str:
     items = [f"{k}: {v}" for k, v in (meta or {}).items() if not isinstance(v, (dict, list)) and v not in (None, "")]
     return " · ".join(_esc(i if len(i) < 120 else i[:117] + "...") for i in items)
@@ -136,7 +109,7 @@ def summary_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
     return (f'<div class="gradprobe"><style>{CSS.replace("body{", ".gradprobe{")}</style>'
             f'<h3>gradprobe</h3><p class="meta">{_meta_line(meta)}</p>'
             f"<h4>Findings ({n})</h4>{findings_html(tables.get('findings'))}"
-            f"<h4>Summary</h4><pre>{_esc(summary_text(tables, meta))}</pre></div>")
+            f"<h4>Summary</h4><pre>{_esc(summarize(tables, meta))}</pre></div>")
 
 
 def build_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
@@ -169,7 +142,7 @@ def build_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
 <p class="meta">report written {created}</p>
 <nav><a href="#findings">findings ({n})</a><a href="#summary">summary</a><a href="#figures">figures</a><a href="#tables">tables</a></nav>
 <section id="findings"><h2>Findings ({n})</h2>{findings_html(findings)}</section>
-<section id="summary"><h2>Summary</h2><pre>{_esc(summary_text(tables, meta))}</pre></section>
+<section id="summary"><h2>Summary</h2><pre>{_esc(summarize(tables, meta))}</pre></section>
 <section id="figures"><h2>Figures</h2>{"".join(parts)}</section>
 <section id="tables"><h2>Tables</h2>{tables_html}</section>
 </body></html>

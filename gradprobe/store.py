@@ -14,7 +14,6 @@ from .schema import TABLES, frame
 class Store:
     def __init__(self) -> None:
         self.cols: dict[str, dict[str, list]] = {t: {c: [] for c in spec} for t, spec in TABLES.items()}
-        self.size: dict[str, int] = {t: 0 for t in TABLES}
         self.version = 0  # bumps on every write, so readers can cache
 
     def add(self, table: str, **row) -> None:
@@ -31,7 +30,6 @@ class Store:
         for c, values in spec.items():
             v = cols.get(c)
             values.extend(v if isinstance(v, list) else [v] * n)
-        self.size[table] += n
         self.version += 1
 
     def frame(self, table: str) -> pd.DataFrame:

@@ -28,3 +28,13 @@ def human_bytes(n, missing: str = "", exact: bool = False) -> str:
     if unit == "B":
         return f"{n:,} bytes" if exact else f"{n} B"
     return f"{v:.1f} {unit} ({n:,} bytes)" if exact else f"{v:.1f} {unit}"
+
+
+def span(values, noun: str) -> str:
+    """[3] -> 'step 3'; [0, 2] -> 'steps 0, 2'; many -> '20 steps (0..38)'."""
+    v = sorted({int(x) for x in values})
+    if len(v) == 1:
+        return f"{noun} {v[0]}"
+    if len(v) <= 4:
+        return f"{noun}s " + ", ".join(map(str, v))
+    return f"{len(v)} {noun}s ({v[0]}..{v[-1]})"
