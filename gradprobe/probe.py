@@ -110,6 +110,9 @@ class Probe(RunView):
             raise TypeError(f"probe.watch: expected a torch.Tensor, got {type(tensor).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"probe.watch: name must be a str, got {type(name).__name__}")
+        if tensor.grad_fn is not None:
+            raise ValueError(f"probe.watch({name!r}): the tensor was computed ({type(tensor.grad_fn).__name__}); "
+                             "watch the leaf it came from (a tensor created with requires_grad=True)")
         t = self.targets.by_tensor.get(tensor)
         if t is not None:
             t.name = name

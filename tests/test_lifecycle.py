@@ -142,6 +142,16 @@ def test_wrong_arguments_name_the_fix(kwargs, error, text):
         gp.Probe(**kwargs)
 
 
+def test_watch_refuses_what_is_not_a_leaf_tensor():
+    probe = gp.Probe(None)
+    a = torch.ones(2, requires_grad=True)
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        probe.watch([1.0], "a")
+    with pytest.raises(ValueError, match="watch the leaf it came from"):
+        probe.watch(a * 2, "b")
+    assert probe.watch(a, "a") is a
+
+
 def test_empty_run_summary_says_nothing_was_recorded():
     probe = gp.Probe(nn.Linear(2, 2))
     with probe:
