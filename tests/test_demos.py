@@ -8,24 +8,16 @@ import pytest
 
 import gradprobe as gp
 from gradprobe.schema import TABLES
+from tests.conftest import demo_site
 
 
 def run_demo(name):
     return importlib.import_module(f"gradprobe_demos.{name}").main()
 
 
-def line_of(name, marker):
-    """`demos/NAME.py:LINE` of the demo line containing `marker`."""
-    path = f"demos/{name}.py"
-    with open(path) as f:
-        lines = [i for i, text in enumerate(f, 1) if marker in text]
-    assert len(lines) == 1, (marker, lines)
-    return f"{path}:{lines[0]}"
-
-
 def test_gan_detach_is_listed_as_deliberate():
     probe = run_demo("gan")
-    site = line_of("gan", "D(fake.detach())")
+    site = demo_site("gan", "D(fake.detach())")
     cut = [f for f in probe.findings if f.kind == "detach_cut"]
     assert len(cut) == 1 and cut[0].severity == "info" and cut[0].site == site
     assert cut[0].params == ["G.fc1.weight", "G.fc1.bias", "G.fc2.weight", "G.fc2.bias"]
@@ -39,8 +31,8 @@ def test_detached_output_error_names_the_detach_line():
     probe = run_demo("detached_output")
     first = probe.findings[0]
     assert first.kind == "backward_error" and first.severity == "error"
-    assert f".detach() at {line_of('detached_output', 'return x.detach()')}" in first.message
-    assert first.site == line_of("detached_output", "loss.backward()")
+    assert f".detach() at {demo_site('detached_output', 'return x.detach()')}" in first.message
+    assert first.site == demo_site("detached_output", "loss.backward()")
 
 
 def test_multihead_names_frozen_unused_head_and_argmax():
@@ -51,7 +43,7 @@ def test_multihead_names_frozen_unused_head_and_argmax():
         "backbone.0.weight", "backbone.0.bias", "backbone.2.weight", "backbone.2.bias"}
     assert last.loc["heads.aux.weight", "cause"] == "not_in_graph"
     assert last.loc["heads.router.weight", "cause"] == "non_differentiable"
-    assert last.loc["heads.router.weight", "site"] == line_of("multihead", ".argmax(dim=-1)")
+    assert last.loc["heads.router.weight", "site"] == demo_site("multihead", ".argmax(dim=-1)")
     assert last.loc["experts.weight", "status"] == "flow"
     mods = probe.to_pandas()["modules"]
     mods = mods[mods["backward"] == mods["backward"].max()].set_index("module")

@@ -4,7 +4,6 @@ in-place writes, and that the collector changes nothing and keeps nothing alive.
 from __future__ import annotations
 
 import gc
-import os
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -13,20 +12,10 @@ import torch
 from torch import nn
 
 import gradprobe as gp
+from tests.conftest import demo_site, site_of
 
 F32 = 4  # bytes per float32
 I64 = 8
-HERE = os.path.abspath(__file__)
-
-
-def line_of(marker: str, path: str = HERE, nth: int = 1) -> int:
-    """Line number of the nth line containing `marker` (so tests do not hard-code lines)."""
-    hits = [i for i, text in enumerate(open(path).read().splitlines(), 1) if marker in text]
-    return hits[nth - 1]
-
-
-def at(site, path: str, line: int) -> bool:
-    return site is not None and site.endswith(f"{os.path.basename(path)}:{line}")
 
 
 def findings(probe, kind):
@@ -217,7 +206,7 @@ def test_retain_graph_unneeded_fresh_forward():
     assert bw["retained_bytes"].tolist() == [graph, 0] * 3
     (f,) = findings(probe, "retain_graph_unneeded")
     assert f.severity == "warning"
-    assert at(f.site, HERE, line_of("# RETAIN-UNNEEDED"))
+    assert f.site == site_of("RETAIN-UNNEEDED")
     assert f.nbytes == graph
     assert "236 bytes" in f.message and "until the graph was dropped" in f.message
     # while the first graph is retained the second forward saves its relu result (80) and the pow input
@@ -245,7 +234,7 @@ def test_retain_graph_reused_is_info_with_alternative():
     assert bw.loc[0, "released_by"] == "backward 1"
     (f,) = findings(probe, "retain_graph_unneeded")
     assert f.severity == "info"
-    assert at(f.site, HERE, line_of("# RETAIN-REUSED"))
+    assert f.site == site_of("RETAIN-REUSED")
     assert "(loss1 + loss2).backward()" in f.message
 
 
@@ -281,7 +270,7 @@ def test_graph_leak_epoch_loss_accumulated_without_item():
             opt.step()
             epoch_loss += loss  # LEAK
     (f,) = findings(probe, "graph_leak")
-    assert at(f.site, HERE, line_of("# LEAK"))
+    assert f.site == site_of("LEAK")
     assert "growing" in f.message and "loss.item()" in f.message
     mem = probe.to_pandas()["memory"]
     ends = mem[mem["event"] == "step_end"]
@@ -318,7 +307,7 @@ def test_graph_leak_list_of_losses_with_retain_keeps_activations():
             losses.append(loss)
             probe.step()
     (f,) = findings(probe, "graph_leak")
-    assert at(f.site, HERE, line_of("# LIST-RETAIN"))
+    assert f.site == site_of("LIST-RETAIN")
     assert f.nbytes > 0  # activations and inputs are kept, not just nodes
     ends = probe.to_pandas()["memory"].query("event == 'step_end'")
     assert ends["leaked_bytes"].dropna().is_monotonic_increasing
@@ -339,7 +328,7 @@ def test_unused_graph_validation_without_no_grad():
                 out = net(xv)  # VALIDATION
                 val = out.pow(2).mean().item()
     (f,) = findings(probe, "unused_graph")
-    assert at(f.site, HERE, line_of("# VALIDATION"))
+    assert f.site == site_of("VALIDATION")
     # what torch.no_grad() would save per validation forward: the activations
     # relu result 7*5*4 = 140 and the pow input (net output) 7*3*4 = 84
     assert f.nbytes == 7 * 5 * F32 + 7 * 3 * F32 == 224
@@ -358,7 +347,7 @@ def test_inplace_through_data_is_an_error():
         out.sum().backward()
     (f,) = findings(probe, "inplace_saved")
     assert f.severity == "error"
-    assert at(f.site, HERE, line_of("# DATA-WRITE"))
+    assert f.site == site_of("DATA-WRITE")
     assert f.nbytes == 2 * 3 * F32
     assert ".data" in f.message and "silently wrong" in f.message
 
@@ -372,7 +361,7 @@ def test_inplace_through_detach_is_a_warning_before_pytorch_raises():
         c.zero_()  # DETACH-WRITE
         (f,) = findings(probe, "inplace_saved")  # known before backward runs
         assert f.severity == "warning"
-        assert at(f.site, HERE, line_of("# DETACH-WRITE"))
+        assert f.site == site_of("DETACH-WRITE")
         assert "will raise" in f.message or "raises" in f.message
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
@@ -396,7 +385,7 @@ def test_checkpoint_shadows_and_says_so():
         h = checkpoint(net[0], x, use_reentrant=False)  # CHECKPOINT
         net[2](net[1](h)).sum().backward()
     (f,) = findings(probe, "saved_hooks_shadowed")
-    assert at(f.site, HERE, line_of("# CHECKPOINT"))
+    assert f.site == site_of("CHECKPOINT")
     mem = probe.to_pandas()["memory"]
     assert (mem["event"] == "hooks_shadowed").any()
 
@@ -452,12 +441,11 @@ def test_demos_name_kind_and_line(name, capsys):
     import importlib
     mod = importlib.import_module(f"demos.{name}")
     probe = mod.main()
-    path = mod.__file__
     if name == "retain_graph":
         unneeded = [f for f in findings(probe, "retain_graph_unneeded") if f.severity == "warning"]
         reused = [f for f in findings(probe, "retain_graph_unneeded") if f.severity == "info"]
-        assert len(unneeded) == 1 and at(unneeded[0].site, path, line_of("loss1.backward(retain_graph=True)", path))
-        assert len(reused) == 1 and at(reused[0].site, path, line_of("loss1.backward(retain_graph=True)", path, 2))
+        assert len(unneeded) == 1 and unneeded[0].site == demo_site(name, "loss1.backward(retain_graph=True)", 1)
+        assert len(reused) == 1 and reused[0].site == demo_site(name, "loss1.backward(retain_graph=True)", 2)
         # 64x1000 input, 64x500 and 64x100 relu results, W2.t() 100x500, W3.t() 10x100, cross_entropy's
         # log-softmax 64x10, the int64 targets and the 4-byte total weight
         graph = (64 * 1000 + 64 * 500 + 64 * 100 + 100 * 500 + 10 * 100 + 64 * 10) * F32 + 64 * I64 + 4
@@ -465,10 +453,10 @@ def test_demos_name_kind_and_line(name, capsys):
         assert not findings(probe, "graph_leak")
     elif name == "validation":
         (f,) = findings(probe, "unused_graph")
-        assert at(f.site, path, line_of("out = model(x)", path))
+        assert f.site == demo_site(name, "out = model(x)")
         # 128x256 twice (ReLU results) and cross_entropy's 128x10 log-softmax plus its 4-byte total weight
         assert f.nbytes == (128 * 256 * 2 + 128 * 10) * F32 + 4
     else:
         kinds = {f.severity: f for f in findings(probe, "inplace_saved")}
-        assert at(kinds["error"].site, path, line_of("c.zero_()", path))
-        assert at(kinds["warning"].site, path, line_of("c.zero_()", path, 2))
+        assert kinds["error"].site == demo_site(name, "c.zero_()", 1)
+        assert kinds["warning"].site == demo_site(name, "c.zero_()", 2)
