@@ -17,7 +17,6 @@ import weakref
 
 import torch
 
-INF = float("inf")
 
 
 class BackwardCall:
