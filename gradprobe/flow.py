@@ -12,11 +12,9 @@ training is unchanged.
 from __future__ import annotations
 
 import math
-
 import weakref
 
 import torch
-
 
 
 class BackwardCall:
