@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .memdiag import human
-from .memory import _rss
+from .capture.memory import _rss
 from .text import human_bytes
 
 MODES = ("grad", "no_grad", "inference_mode")

@@ -71,6 +71,7 @@ TABLES: dict[str, dict[str, str]] = {
         "params_flow": NINT, "params_none": NINT, "params_zero": NINT,
         "params_nonfinite": NINT, "params_frozen": NINT,
         "error": STR,  # PyTorch's message when the backward raised
+        "detail": BOOL,  # a detail step of the schedule: norms, per-parameter rows, cuts, saved tensors
         "cut_kind": STR, "cut_site": STR,  # the cut its roots depend on (kind; description with site)
         "reused_by": NINT,  # retain_graph=True: first later backward that went through the retained graph
         "retained_until": FLOAT,  # when the retained bytes were released (NaN: still alive)
@@ -91,6 +92,16 @@ TABLES: dict[str, dict[str, str]] = {
         "leaked_graphs": NINT, "leaked_nodes": NINT,  # step_end: graphs of earlier steps still alive
         "leaked_bytes": NINT,  # their saved bytes (activations and inputs)
         "leak_site": STR, "leak_cause": STR,  # accumulation (op joining steps) | retain_graph | reference
+    },
+    "steps": {  # one row per finished step (and one per optimizer step a GradScaler skipped)
+        "step": INT, "detail": BOOL,  # detail: the schedule captured this step in full
+        "amp_skipped": BOOL,  # GradScaler found inf/NaN gradients and skipped the optimizer step
+        "grad_scale": FLOAT,  # the scale after that skip (NaN: not a skip)
+    },
+    "limits": {  # what the probe could not see, one row per cause and place
+        "step": INT,  # first step it happened
+        "what": STR,  # torch.func | compile | thread | error
+        "site": STR, "note": STR, "count": INT,
     },
     "findings": {
         "kind": STR, "severity": STR, "message": STR, "site": STR, "nbytes": NINT,

@@ -131,6 +131,10 @@ def small_run() -> tuple[dict[str, pd.DataFrame], dict]:
         "params": frame("params", params), "modules": frame("modules", modules),
         "cuts": frame("cuts", cuts), "saved": frame("saved", saved),
         "backward": frame("backward", backward), "memory": frame("memory", memory),
+        "steps": frame("steps", [dict(step=s, detail=s % 2 == 0, amp_skipped=s == 1,
+                                      grad_scale=32768.0 if s == 1 else None) for s in range(N_STEPS)]),
+        "limits": frame("limits", [dict(step=1, what="thread", site="thread worker", note="ran in another thread",
+                                        count=3)]),
         "findings": frame("findings", FINDINGS),
     }
     meta = {"torch": "2.13.0", "device": "cpu", "model": "GAN(G, D)", "steps": N_STEPS,
@@ -200,6 +204,8 @@ def big_run(n_steps: int = 10_000, n_params: int = 200) -> tuple[dict[str, pd.Da
     tables = {
         "params": params, "modules": modules, "cuts": frame("cuts", []), "saved": saved,
         "backward": backward, "memory": memory,
+        "steps": frame("steps", {"step": steps, "detail": steps % 10 == 0, "amp_skipped": np.zeros(n_steps, bool)}),
+        "limits": frame("limits", []),
         "findings": frame("findings", FINDINGS[:1] + FINDINGS[4:5]),
     }
     return tables, {"torch": "2.13.0", "device": "cpu", "model": "MLP(100 layers)"}

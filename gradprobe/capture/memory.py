@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .schema import TABLES, frame
+from ..schema import TABLES, frame
+from ..text import span
 from .sites import site
-from .text import span
 
 _KEY = "gradprobe.graph"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -227,15 +227,16 @@ class MemoryCollector:
 
     def _new_group(self) -> _Group:
         p = self.probe
-        if p.pending and not p.quiet:
-            p._touch()  # an optimizer step ended the step: this is the next step's first activity
-        where = self.root_site or (p.current_bw.site if p.current_bw is not None else site())
+        bw = p.backwards.current()
+        if not p.busy:
+            p.graph_activity()  # an optimizer step ended the step: this is the next step's first activity
+        where = self.root_site or (bw.site if bw is not None else site())
         self.root_site = None
         g = _Group(len(self.groups), p.step_idx, where, time.perf_counter() - p.t0)
         self.groups.append(g)
         self.open_groups.append(g)
         self.group = g
-        if p.current_bw is None:
+        if bw is None:
             self._event("forward", site=where)
         self._refresh_params()
         return g
@@ -243,7 +244,7 @@ class MemoryCollector:
     # --- hooks -----------------------------------------------------------------
     def _pack(self, t):
         d = t.detach()
-        bw = self.probe.current_bw
+        bw = self.probe.backwards.current()
         try:
             # saves made during a backward belong to a recompute (reentrant checkpoint), unless the
             # backward builds a graph of its own (create_graph)
@@ -315,7 +316,7 @@ class MemoryCollector:
     def _unpack(self, packed):
         d, version, idx = packed
         if idx >= 0:
-            bw = self.probe.current_bw
+            bw = self.probe.backwards.current()
             if bw is not None:
                 self._use(idx, bw.index)
         if d._version != version:
@@ -338,7 +339,7 @@ class MemoryCollector:
             e = self.entries[idx]
             p = self.probe
             now = time.perf_counter() - p.t0
-            bw = p.current_bw
+            bw = p.backwards.current()
             e.t_freed = now
             e.free_step = p.step_idx
             if bw is not None:
@@ -399,7 +400,7 @@ class MemoryCollector:
             return
         g = self.group or self._new_group()
         p = self.probe
-        if not p.stack:  # outside model code (loss, accumulation): does this op join graphs of two steps?
+        if not p.modules.tracked_depth():  # outside model code (loss, accumulation): does this op join graphs of two steps?
             cur = p.step_idx
             for nf, _ in gf.next_functions:
                 if nf is not None:

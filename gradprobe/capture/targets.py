@@ -46,15 +46,17 @@ class Targets:
         self._anonymous = 0
         self._classes: dict[str, int] = {}
         self.on_new = None  # callback(Tracked) when a tensor starts being tracked
+        self.lazy: list = []  # uninitialised parameters of lazy modules, waiting to be materialised
 
     def add_root(self, prefix: str, module: torch.nn.Module) -> None:
         """Register a model and all its sub-modules and parameters under `prefix`."""
         if self.info_of(module) is not None:
             return
+
         def full(qual):
             return ".".join(p for p in (prefix, qual) if p)
 
-        infos = []
+        local: dict[str, ModuleInfo] = {}  # qualified name inside this model -> info
         for qual, sub in module.named_modules(remove_duplicate=True):
             if self.info_of(sub) is not None:
                 continue
@@ -62,14 +64,37 @@ class Targets:
             info = ModuleInfo(full(qual), parent, qual.count(".") + 1 if qual else 0, len(self.modules), sub)
             self.modules.append(info)
             self.by_id[id(sub)] = info
-            infos.append((qual, info))
+            local[qual] = info
         for qual, p in module.named_parameters(remove_duplicate=True):
             owner = qual.rpartition(".")[0]
-            t = self.track(p, full(qual), full(owner), "parameter")
-            for mqual, info in infos:
-                if mqual == "" or owner == mqual or owner.startswith(mqual + "."):
-                    info.params.append(t.index)
-                    info.n_params += t.numel
+            if _is_lazy(p):  # nn.LazyLinear before its first call: picked up once materialised
+                self.lazy.append((weakref.ref(p), full(qual), full(owner), owner, local))
+                continue
+            self._add_param(p, full(qual), full(owner), owner, local)
+
+    def _add_param(self, p, name, module_name, owner, local) -> None:
+        t = self.track(p, name, module_name, "parameter")
+        parts = owner.split(".") if owner else []
+        for k in range(len(parts) + 1):  # the owner and its ancestors: O(depth), not O(modules)
+            info = local.get(".".join(parts[:k]))
+            if info is not None:
+                info.params.append(t.index)
+                info.n_params += t.numel
+
+    def materialised(self) -> None:
+        """Track lazy parameters that have been materialised since the last call."""
+        if not self.lazy:
+            return
+        still = []
+        for entry in self.lazy:
+            p = entry[0]()
+            if p is None:
+                continue
+            if _is_lazy(p):
+                still.append(entry)
+            else:
+                self._add_param(p, *entry[1:])
+        self.lazy = still
 
     def info_of(self, module) -> "ModuleInfo | None":
         """The module's info; a plain id lookup (hot path), guarded against id reuse."""
@@ -124,3 +149,7 @@ class Targets:
         t = self.track(tensor, name, None, "leaf")
         self.leaf_by_name[name] = t
         return t
+
+
+def _is_lazy(p) -> bool:
+    return isinstance(p, torch.nn.parameter.UninitializedTensorMixin)

@@ -1,11 +1,16 @@
-"""The TorchFunctionMode that sees where tensors leave the graph.
+"""The TorchFunctionMode that sees where tensors leave the graph (on detail steps only).
 
-It records a cut when a tensor that depends on a trainable tensor stops
-carrying gradient (detach, .data, no_grad ops, non-differentiable ops,
-requires_grad_(False), conversions to Python), tags the cut tensor with the
-cut's id and carries tags through later ops (only when an input is tagged),
-so that a backward can tell which cut its roots depend on. It also names
-leaf tensors created with requires_grad=True after their line.
+It records a cut when a tensor that depends on a trainable tensor stops carrying gradient
+(detach, .data, ops under no_grad, non-differentiable ops, requires_grad_(False),
+conversions to Python), tags the cut tensor with the cut's id and carries tags through
+later ops (only when an input is tagged), so that a backward can tell which cut its roots
+depend on. It names leaf tensors created with requires_grad=True after their line.
+
+It is pushed only on detail steps (a Python mode costs a call per op and turns off
+PyTorch's fused fast paths), steps aside inside no_grad module calls and optimizer steps,
+and never reads `grad_fn` of what an op made under no_grad (a view of a parameter written
+in place there has a grad_fn PyTorch refuses to build). Ops PyTorch runs for itself
+(custom Function forward, checkpoint, optimizers, serialization, init) are not cuts.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .cuts import upstream_leaves
-from .sites import site
+from .graph import upstream
+from .sites import in_torch_internals, site
 
 Tensor = torch.Tensor
 _TO_PYTHON = {
@@ -65,6 +70,7 @@ class ProbeMode(TorchFunctionMode):
         super().__init__()
         self.probe = probe
         self.tags = WeakIdKeyDictionary()  # tensor -> frozenset of cut ids it depends on
+        self.enabled = True  # False: inert until it can leave the stack (see Capture.try_off)
 
     # --- tags -------------------------------------------------------------
     def tags_of(self, tensors) -> frozenset:
@@ -82,34 +88,39 @@ class ProbeMode(TorchFunctionMode):
                 self.tags[o] = self.tags.get(o, frozenset()) | tag
 
     # --- cuts -------------------------------------------------------------
-    def _cut(self, kind, op, sources, outs) -> None:
+    def _cut(self, kind, op, sources, outs, depth=3) -> None:
+        if in_torch_internals(depth):
+            return
         p = self.probe
         name_of = p.targets.name_of
         up = frozenset()
         for s in sources:
-            up |= upstream_leaves(s, name_of)
-        cut = p.record_cut(kind, op, site(3), up)
-        self._tag(outs, frozenset((cut.id,)))
+            up |= upstream(s, name_of)
+        cut = p.record_cut(kind, op, site(depth), up)
+        if outs:
+            self._tag(outs, frozenset((cut.id,)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
         p = self.probe
-        if p.quiet or func in _SILENT:
+        if not self.enabled or p.busy or func in _SILENT or torch.compiler.is_compiling():
             return func(*args, **kwargs)
         if func is Tensor.detach_:
             src = args[0]
-            up = upstream_leaves(src, p.targets.name_of) if src.requires_grad else None
-            out = func(*args, **kwargs)
-            if up:
-                cut = p.record_cut("detach_", "detach_", site(2), up)
-                self._tag((src,), frozenset((cut.id,)))
-            return out
+            if src.requires_grad and not in_torch_internals(2):
+                up = upstream(src, p.targets.name_of)
+                out = func(*args, **kwargs)
+                if up:
+                    cut = p.record_cut("detach_", "detach_", site(2), up)
+                    self._tag((src,), frozenset((cut.id,)))
+                return out
+            return func(*args, **kwargs)
         if func is Tensor.requires_grad_:
             src = args[0]
             flag = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
             was = src.requires_grad
-            up = upstream_leaves(src, p.targets.name_of) if was and not flag else None
+            up = upstream(src, p.targets.name_of) if was and not flag and not in_torch_internals(2) else None
             out = func(*args, **kwargs)
             if up:
                 p.record_cut("requires_grad_false", "requires_grad_", site(2), up)
@@ -117,8 +128,9 @@ class ProbeMode(TorchFunctionMode):
                 p.targets.leaf_names[src] = f"tensor@{site(2)}"
             return out
         out = func(*args, **kwargs)
-        if p.memory is not None and (p.memory.inplace[func] or "out" in kwargs or kwargs.get("inplace") is True):
-            p.memory.on_inplace(func, args, kwargs)
+        memory = p.memory
+        if memory is not None and (memory.inplace[func] or "out" in kwargs or kwargs.get("inplace") is True):
+            memory.on_inplace(func, args, kwargs)
         op = _TO_PYTHON.get(func)
         if op is not None:
             if args[0].requires_grad:
@@ -127,17 +139,32 @@ class ProbeMode(TorchFunctionMode):
         outs = _outputs(out)
         if not outs:
             return out
+        if not torch.is_grad_enabled():
+            # no graph is built here: never read grad_fn. A fresh (not in-place, not view) result of
+            # trainable inputs is a no_grad cut; views and in-place writes (init, padding rows) are not.
+            o = outs[0]
+            if o.requires_grad or any(x is o for x in _tensors(args, kwargs)) or o._is_view():
+                return out
+            sources = _grad_inputs(args, kwargs)
+            if sources and not _shape_only(func) and func is not Tensor.detach and func != _DATA_GET:
+                self._cut("no_grad", getattr(func, "__name__", str(func)), sources, outs)
+            elif sources and (func is Tensor.detach or func == _DATA_GET):
+                self._cut("detach" if func is Tensor.detach else "data",
+                          "detach" if func is Tensor.detach else "data", sources, outs)
+            return out
         if self.tags:
             tag = self.tags_of(_tensors(args, kwargs))
             if tag:
                 self._tag(outs, tag)
         if any(o.requires_grad for o in outs):
             o = outs[0]
-            if o.grad_fn is None and o.requires_grad and o not in p.targets.leaf_names \
-                    and not _grad_inputs(args, kwargs):
-                p.targets.leaf_names[o] = f"tensor@{site(2)}"  # a new leaf: torch.tensor(..., requires_grad=True)
-            if p.memory is not None:
-                p.memory.on_op(func, args, kwargs, out)
+            if o.grad_fn is None:
+                if o.requires_grad and o not in p.targets.leaf_names and not _grad_inputs(args, kwargs):
+                    p.targets.leaf_names[o] = f"tensor@{site(2)}"  # a new leaf: torch.tensor(..., requires_grad=True)
+            else:
+                p.graph_activity()
+            if memory is not None:
+                memory.on_op(func, args, kwargs, out)
             return out
         sources = _grad_inputs(args, kwargs)
         if sources and not _shape_only(func):
@@ -145,8 +172,6 @@ class ProbeMode(TorchFunctionMode):
                 kind, op = "detach", "detach"
             elif func == _DATA_GET:  # method-wrappers are made anew per access: compare, not `is`
                 kind, op = "data", "data"
-            elif not torch.is_grad_enabled():
-                kind, op = "no_grad", getattr(func, "__name__", str(func))
             else:
                 kind, op = "non_differentiable", getattr(func, "__name__", str(func))
             self._cut(kind, op, sources, outs)

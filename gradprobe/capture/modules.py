@@ -1,0 +1,113 @@
+"""Which module is running: global forward hooks (installed on detail steps only).
+
+They keep the stack of tracked modules running now (for cuts' and saved tensors' module),
+note which modules ran in the step (`not_used` vs `not_in_graph`), discover top-level
+modules when the probe observes everything, hook module outputs for their gradient norm,
+and at a module called under no_grad they record the call as one cut and step the
+torch-function mode aside so that PyTorch's fused fast paths run as without the probe.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sites import checkpoint_call, in_torch_internals, site
+
+
+class _Frame:
+    __slots__ = ("module", "info", "grad", "popped")
+
+    def __init__(self, module, info, grad, popped):
+        self.module, self.info, self.grad, self.popped = module, info, grad, popped
+
+
+class ModuleStack:
+    def __init__(self, probe) -> None:
+        self.probe = probe
+        self.frames: list[_Frame] = []
+        self.ran: set[str] = set()  # modules whose forward ran in this step
+
+    def install(self) -> list:
+        nn = torch.nn.modules.module
+        return [nn.register_module_forward_pre_hook(self._pre),
+                nn.register_module_forward_hook(self._post, always_call=True)]
+
+    def current(self) -> str | None:
+        for f in reversed(self.frames):
+            if f.info is not None:
+                return f.info.name
+        return None
+
+    def tracked_depth(self) -> int:
+        return sum(1 for f in self.frames if f.info is not None)
+
+    def _pre(self, module, args) -> None:
+        p = self.probe
+        if p.busy or torch.compiler.is_compiling():
+            return
+        if p.want_off:
+            p.try_off()
+            return
+        p.resume_mode()  # a forward inside optimizer.step (LBFGS closure) is user code again
+        targets = p.targets
+        info = targets.info_of(module)
+        if info is None and p.discover and not self.tracked_depth():
+            targets.discover(module)
+            info = targets.info_of(module)
+        grad = torch.is_grad_enabled()
+        parent_grad = self.frames[-1].grad if self.frames else True
+        popped = False
+        if not grad:
+            popped = p.mode_aside()  # fused fast paths check has_torch_function: no mode under no_grad calls
+            if parent_grad and info is not None and info.params:
+                self._no_grad_call(module, info)
+        elif info is not None:
+            p.graph_activity()
+        if info is not None:
+            if not self.frames or self.tracked_depth() == 0:
+                if p.memory is not None:
+                    p.memory.on_forward(module)
+            self.ran.add(info.name)
+        self.frames.append(_Frame(module, info, grad, popped))
+
+    def _post(self, module, args, out) -> None:
+        if not self.frames or self.frames[-1].module is not module:
+            return
+        f = self.frames.pop()
+        if f.popped:
+            self.probe.resume_mode()
+        info = f.info
+        p = self.probe
+        if info is not None and info.params and p.detail and p.grads and f.grad and not p.busy:
+            with torch._C.DisableTorchFunction():  # our attribute reads need not pass through the mode
+                p.flow.hook_output(info, out)
+
+    def _no_grad_call(self, module, info) -> None:
+        """A tracked module with trainable parameters called where no graph is built: one cut."""
+        p = self.probe
+        trainable = [t for t in (p.targets.tracked[i] for i in info.params) if _requires_grad(t)]
+        if not trainable:
+            return
+        ckpt = checkpoint_call(3)
+        if ckpt is not None:
+            where, inputs = ckpt
+            if any(t.requires_grad for t in inputs):
+                return  # reentrant checkpoint recomputes this with grad in backward: not a cut
+            p.record_cut("reentrant_checkpoint", "checkpoint", where, frozenset(t.name for t in trainable),
+                         module=info.name)
+            return
+        if in_torch_internals(3):
+            return
+        p.record_cut("no_grad", f"{info.type}.forward", site(3), frozenset(t.name for t in trainable),
+                     module=info.name)
+
+    def end_step(self) -> None:
+        self.ran.clear()
+
+    def clear(self) -> None:
+        self.frames.clear()
+
+
+def _requires_grad(tracked) -> bool:
+    t = tracked.ref()
+    return t is not None and t.requires_grad

@@ -1,0 +1,335 @@
+"""The capture session: owns the parts, installs them, and routes events between them.
+
+Parts: targets (names), clock (steps), schedule (detail or not), backwards (interception),
+flow (arrival and norms), modules (stack, detail only), mode (cuts, detail only), amp
+(GradScaler), memory (saved tensors). Records go to the store, the cut log and small
+tables of steps and limits; nothing here analyses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from ..store import Store
+from .amp import Amp
+from .backward import Backwards
+from .clock import StepClock
+from .cuts import CutLog
+from .graph import leaves, newest_seq
+from .handles import Group, ModeOnStack
+from .flow import Flow
+from .modules import ModuleStack
+from .rows import backward_rows
+from .schedule import Schedule
+from .targets import Targets
+
+log = logging.getLogger("gradprobe")
+
+_LIMITS = {
+    "torch.func": "a torch.func transform (grad, vmap, jacrev...) ran its own backward: not recorded, and the "
+                  "probe's per-op capture does not see inside torch.func transforms",
+    "compile": "torch.compile traced or ran a compiled region: what ran inside it was not seen per op "
+               "(cuts, saved tensors, module output norms); gradients of parameters are still recorded",
+    "thread": "forward/backward ran in another thread than the one that entered the probe: backwards and "
+              "gradients there are recorded, cuts and module detail (thread-local) are not",
+    "error": "the probe hit an internal error and skipped a record",
+}
+
+
+class Capture:
+    def __init__(self, model, track, every) -> None:
+        self.installed = None
+        self.track = track
+        self.grads = "grads" in track
+        self.schedule = Schedule(every)
+        self.targets = Targets()
+        self.targets.on_new = self._on_new_tracked
+        self.discover = model is None
+        if isinstance(model, torch.nn.Module):
+            self.targets.add_root("", model)
+        elif isinstance(model, dict):
+            for k, m in model.items():
+                if not isinstance(k, str) or not isinstance(m, torch.nn.Module):
+                    raise TypeError("gradprobe.Probe: a dict model must map str names to nn.Module, "
+                                    f"got {type(k).__name__} -> {type(m).__name__}")
+                self.targets.add_root(k, m)
+        elif model is not None:
+            raise TypeError(f"gradprobe.Probe: model must be an nn.Module, a dict of name -> nn.Module "
+                            f"or None, got {type(model).__name__}")
+        self.store = Store()
+        self.cutlog = CutLog()
+        self.flow = Flow(self)
+        self.modules = ModuleStack(self)
+        self.backwards = Backwards(self._backward_begins, self._backward_ends, self._skipped)
+        self.clock = StepClock(self._step_ends, self._merge, self._arm)
+        self.amp = Amp(self)
+        self.memory = None
+        if "memory" in track:
+            from .memory import MemoryCollector
+            self.memory = MemoryCollector(self)
+        self.mode = None
+        if "cuts" in track:
+            from .mode import ProbeMode
+            self.mode = ProbeMode(self)
+        self.mode_handle: ModeOnStack | None = None
+        self.detail = self.schedule.detail(0)
+        self.instruments = Group()  # detail-step handles, on or off with the schedule
+        self.want_off = False  # the instruments are to come off at the next chance (see try_off)
+        self.busy = 0  # >0: inside a backward or the probe's own work
+        self.n_backward = 0
+        self.thread = None
+        self.sigs: list = []  # arrival signature of each backward of the previous step (triggers)
+        self.sigs_now: list = []
+        self.limits: dict = {}  # (what, site) -> [first step, count]
+        self.threads: set = set()
+        self._cache = (None, None)
+
+    @property
+    def step_idx(self) -> int:
+        return self.clock.step
+
+    def current_module(self) -> str | None:
+        return self.modules.current()
+
+    # --- install / remove ----------------------------------------------------
+    def install(self, stack) -> None:
+        for h in self.backwards.install():
+            stack.add(h)
+        stack.add(register_optimizer_step_pre_hook(self._optimizer_pre))
+        stack.add(register_optimizer_step_post_hook(self._optimizer_post))
+        for h in self.amp.install():
+            stack.add(h)
+        if self.grads:
+            stack.add(self.flow)
+            for t in self.targets.tracked:
+                self.flow.hook(t)
+        if self.memory is not None:
+            stack.add(_MemoryHandle(self.memory))
+        stack.add(self.instruments)
+        self._arm(self.clock.step)
+
+    def after_close(self) -> None:
+        self.want_off = False
+        self.modules.clear()
+        self.mode_handle = None
+        self.busy = 0
+
+    def _arm(self, step: int) -> None:
+        """Set the detail instruments for `step` (the one under way or the one about to begin)."""
+        if self.thread is not None and threading.get_ident() != self.thread:
+            return
+        on = self.schedule.detail(step)
+        if on:
+            self.want_off = False
+            if self.mode is not None:
+                self.mode.enabled = True
+            if not self.instruments.handles:
+                self.instruments.add(_Hooks(self.modules.install()))
+                if self.mode is not None:
+                    self.mode_handle = self.instruments.add(ModeOnStack(self.mode))
+                    self.mode_handle.push()
+                if self.memory is not None:
+                    self.memory.resume()
+        elif self.instruments.handles:
+            if self.mode is not None:
+                self.mode.enabled = False  # inert at once; off the stack as soon as we are outside its handler
+            self.want_off = True
+            self.try_off()
+
+    def try_off(self) -> None:
+        """Take the detail instruments off, unless the mode is inside its own handler now.
+
+        Inside `__torch_function__` (a `loss.backward()` runs there) PyTorch has popped the mode and
+        pushes it back afterwards, so it can only leave the stack from outside: the next module
+        call, optimizer step or backward retries.
+        """
+        if not self.want_off or (self.thread is not None and threading.get_ident() != self.thread):
+            return
+        h = self.mode_handle
+        if h is not None and h.on and not h.on_top():
+            return
+        self.want_off = False
+        self.instruments.remove()
+        self.mode_handle = None
+        self.modules.clear()
+        if self.memory is not None:
+            self.memory.pause()
+
+    def mode_aside(self) -> bool:
+        h = self.mode_handle
+        return h is not None and threading.get_ident() == self.thread and h.pop_if_top()
+
+    def resume_mode(self) -> None:
+        h = self.mode_handle
+        if h is not None and not h.on and not self.want_off and threading.get_ident() == self.thread:
+            h.push()
+
+    def _on_new_tracked(self, tracked) -> None:
+        if self.installed is not None and self.grads:
+            self.flow.hook(tracked)
+
+    # --- events from the parts -------------------------------------------------
+    def graph_activity(self) -> None:
+        """A graph is being built (forward): applies a pending step boundary."""
+        if self.clock.pending:
+            self.clock.touch()
+        else:
+            self.clock.active = True
+
+    def record_cut(self, kind, op, where, upstream, module=...):
+        return self.cutlog.record(self.clock.step, kind, op, where,
+                                  self.current_module() if module is ... else module, upstream)
+
+    def _optimizer_pre(self, opt, args, kwargs) -> None:
+        self.try_off()
+        self.mode_aside()  # optimizer internals make no user graph; an LBFGS closure's forward brings it back
+
+    def _optimizer_post(self, opt, args, kwargs) -> None:
+        self.try_off()
+        self.resume_mode()
+        self.clock.optimizer_stepped(id(opt))
+
+    def scaler_skipped(self, opt, scale) -> None:
+        self.store.add("steps", step=self.clock.step, detail=self.detail, amp_skipped=True, grad_scale=scale)
+        self.clock.optimizer_stepped(id(opt))
+
+    def note(self, what: str, where=None) -> None:
+        entry = self.limits.get((what, where))
+        if entry is None:
+            self.limits[(what, where)] = [self.clock.step, 1]
+            log.info("gradprobe: %s", _LIMITS.get(what, what))
+            self.store.version += 1
+        else:
+            entry[1] += 1
+
+    def _skipped(self, why: str) -> None:
+        self.note(why)
+
+    def _step_ends(self, step: int) -> None:
+        self.store.add("steps", step=step, detail=self.detail, amp_skipped=False)
+        if self.memory is not None:
+            self.memory.end_step(step)
+        self.cutlog.end_step()
+        self.modules.end_step()
+        self.sigs, self.sigs_now = self.sigs_now, []
+        self.schedule.detail_steps += self.detail
+        self.detail = self.schedule.detail(step + 1)
+        self._arm(step + 1)
+
+    def _merge(self, to: int) -> None:
+        for cols in self.store.cols.values():
+            if "step" in cols:
+                cols["step"] = [v if v is None or v <= to else to for v in cols["step"]]
+        steps = self.store.cols["steps"]
+        keep = [k for k, s in enumerate(steps["step"]) if not (s == to and not steps["amp_skipped"][k])]
+        for c, values in steps.items():
+            steps[c] = [values[k] for k in keep]
+        self.cutlog.merge(to)
+        if self.memory is not None:
+            self.memory.merge_steps()
+        self.store.version += 1
+
+    # --- backward ------------------------------------------------------------------
+    def _backward_begins(self, bw, roots) -> None:
+        self.try_off()
+        tid = threading.get_ident()
+        if tid != self.thread and tid not in self.threads:
+            self.threads.add(tid)
+            self.note("thread", f"thread {threading.current_thread().name}")
+        self.busy += 1
+        try:
+            self.targets.materialised()
+            if self.grads:
+                self.flow.refresh()
+            self.clock.backward_begins(newest_seq(roots))
+            bw.index, bw.step, bw.detail = self.n_backward, self.clock.step, self.detail
+            self.n_backward += 1
+            if self.mode is not None:
+                bw.root_tags = self.mode.tags_of(roots)
+            if bw.inputs is not None:
+                by = self.targets.by_tensor
+                bw.considered = [self.targets.track_leaf(t).index if self.discover else by[t].index
+                                 for t in bw.inputs if self.discover or t in by]
+            elif bw.api == "autograd.grad":
+                bw.considered = []
+            if self.discover:
+                for leaf in leaves(roots):
+                    self.targets.track_leaf(leaf)
+            if self.memory is not None:
+                self.memory.begin_backward(bw, roots)
+        except BaseException:
+            self.busy -= 1
+            raise
+        # busy stays up while the backward runs (the mode and module hooks stand aside) until it ends
+
+    def _backward_ends(self, bw, roots) -> None:
+        try:
+            counts = {}
+            if self.grads and not (bw.error and not bw.root_tags):
+                stats, outs = ({}, {})
+                if bw.detail:
+                    stats, outs = self.flow.measure(bw, self.amp.scale_tensor())
+                counts = backward_rows(self, bw, stats, outs)
+            root_cut = self.cutlog.cuts[min(bw.root_tags)] if bw.root_tags else None
+            self.store.add("backward", step=bw.step, backward=bw.index, site=bw.site,
+                           retain_graph=bw.retain_graph, create_graph=bw.create_graph, api=bw.api,
+                           t=bw.t, duration=bw.duration, error=bw.error, detail=bw.detail,
+                           cut_kind=root_cut.kind if root_cut else None,
+                           cut_site=root_cut.describe() if root_cut else None,
+                           **{f"params_{k}": v for k, v in counts.items()})
+            if self.memory is not None:
+                self.memory.end_backward(bw)
+            self._watch_changes(bw, counts)
+        finally:
+            self.busy -= 1
+        self.clock.backward_ends(torch._C._autograd._get_sequence_nr())
+
+    def _watch_changes(self, bw, counts) -> None:
+        """Trigger a full capture of the next step when arrival changed or a non-finite value appeared."""
+        sig = frozenset(bw.arrived)
+        pos = len(self.sigs_now)
+        self.sigs_now.append(sig)
+        changed = pos < len(self.sigs) and self.sigs[pos] != sig
+        if changed or counts.get("nonfinite"):
+            self.schedule.trigger(self.clock.step + 1)
+
+    # --- tables ------------------------------------------------------------------
+    def version(self):
+        return (self.store.version, len(self.cutlog.cuts), sum(c.count for c in self.cutlog.cuts),
+                len(self.limits))
+
+    def tables(self) -> dict:
+        from ..schema import frame
+        tables = {t: self.store.frame(t) for t in self.store.cols if t != "findings"}
+        order = {t.name: t.index for t in self.targets.tracked}
+        tables["cuts"] = frame("cuts", [c.row(order) for c in self.cutlog.cuts])
+        tables["limits"] = frame("limits", [
+            {"step": s, "what": what, "site": where, "note": _LIMITS.get(what, what), "count": n}
+            for (what, where), (s, n) in self.limits.items()])
+        if self.memory is not None:
+            self.memory.fill_tables(tables)
+        return tables
+
+
+class _Hooks:
+    """Handles of torch hooks as one handle."""
+
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _MemoryHandle:
+    def __init__(self, memory) -> None:
+        self.memory = memory
+        memory.install()
+
+    def remove(self) -> None:
+        self.memory.remove()
