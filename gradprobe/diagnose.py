@@ -21,6 +21,10 @@ _CAUSE_TEXT = {
     "not_in_graph": "their module ran in forward but nothing of it reached the loss",
     "not_used": "their module never ran in forward",
 }
+_CHECKPOINT_FIX = ("none of the tensors passed to the reentrant `checkpoint(...)` at {site} requires grad, so "
+                   "PyTorch cannot recompute its gradients and the parameters inside get none (the HF/peft pitfall "
+                   "with frozen embeddings). Fix: `checkpoint(..., use_reentrant=False)`, or make an input require "
+                   "grad (HF: `model.enable_input_require_grads()`)")
 
 
 def gradient_findings(tables: dict) -> list[dict]:
@@ -46,6 +50,8 @@ def gradient_findings(tables: dict) -> list[dict]:
         where = None if is_missing(where) else where
         if cause in _CAUSE_TEXT:
             why = _CAUSE_TEXT[cause]
+        elif cause == "reentrant_checkpoint":
+            why = _CHECKPOINT_FIX.format(site=where)
         else:
             desc = records(cuts.loc[(cuts["site"] == where) & (cuts["kind"].map(cause_of) == cause)])
             first = desc[0] if desc else {"kind": cause, "op": None, "module": None}
@@ -57,7 +63,7 @@ def gradient_findings(tables: dict) -> list[dict]:
                      "message": f"{_names(names)} received no gradient in {span(g['backward'], 'backward')}: "
                                 f"{why}.{tail}"})
     none_params = set(none["param"])
-    effective = cuts[cuts["effective"]]
+    effective = cuts[cuts["effective"] & (cuts["kind"] != "reentrant_checkpoint")]  # told by no_gradient
     for (kind, where), g in effective.groupby(["kind", "site"], dropna=False, sort=False):
         r = records(g)[0]
         cut_off = list(dict.fromkeys(p for ups in g["upstream"] for p in ups if p in none_params))
@@ -71,7 +77,8 @@ def gradient_findings(tables: dict) -> list[dict]:
                                 + (" Those parameters got gradients from another backward, as in a GAN's "
                                    "discriminator step: fine if intended." if deliberate else
                                    " Nothing else gave them a gradient: if they should train, remove the cut.")})
-    bad = params[params["status"] == "nonfinite"]
+    skipped = _amp_skipped(tables)
+    bad = params[(params["status"] == "nonfinite") & ~params["step"].isin(skipped)]
     if not bad.empty:
         first = bad.sort_values(["backward", "arrival"]).iloc[0]
         n = bad.loc[bad["backward"] == first["backward"], "param"].nunique()
@@ -80,6 +87,54 @@ def gradient_findings(tables: dict) -> list[dict]:
                      "message": f"NaN/Inf gradient first appeared at `{first['param']}` in backward "
                                 f"{first['backward']} (step {first['step']}), {n} parameter(s) affected; "
                                 f"the layers nearest the loss get gradients first, so look there."})
+    return rows
+
+
+def _amp_skipped(tables: dict) -> set:
+    steps = tables.get("steps")
+    if steps is None or steps.empty:
+        return set()
+    return set(steps.loc[steps["amp_skipped"], "step"])
+
+
+def amp_findings(tables: dict) -> list[dict]:
+    """GradScaler's own overflow steps: expected with AMP, info (the scale is lowered and the step skipped)."""
+    steps = tables.get("steps")
+    if steps is None or steps.empty:
+        return []
+    hit = steps[steps["amp_skipped"]]
+    if hit.empty:
+        return []
+    scale = hit["grad_scale"].dropna()
+    after = f"; the scale is now {scale.iloc[-1]:g}" if len(scale) else ""
+    return [{"kind": "amp_skipped_step", "severity": "info", "site": None, "step": int(hit["step"].min()),
+             "params": [],
+             "message": f"GradScaler skipped {span(hit['step'], 'step')}: it found inf/NaN gradients, lowered the "
+                        f"scale and did not call optimizer.step(){after}. This is how AMP finds its scale; a few "
+                        "skips are normal, a skip every step means the loss or the model overflows."}]
+
+
+_LIMIT_TEXT = {
+    "torch.func": "torch.func transforms ran their own backwards (grad, vmap, jacrev...): the probe steps aside "
+                  "there, so their gradients and saved tensors are not in the tables",
+    "compile": "torch.compile ran compiled regions: what ran inside them is not seen per op (cuts, saved tensors, "
+               "module output norms); parameters' gradients are still recorded",
+    "thread": "forward/backward ran in another thread than the one that entered the probe ({sites}): backwards "
+              "and gradients there are recorded, cuts and module detail (thread-local) are not",
+}
+
+
+def limit_findings(tables: dict) -> list[dict]:
+    limits = tables.get("limits")
+    if limits is None or limits.empty:
+        return []
+    rows = []
+    for what, g in limits.groupby("what", sort=False):
+        sites = ", ".join(dict.fromkeys(g["site"].dropna()))
+        text = _LIMIT_TEXT.get(what)
+        msg = text.format(sites=sites or "unnamed") if text else str(g["note"].iloc[0])
+        rows.append({"kind": "probe_limit", "severity": "info", "site": None, "step": int(g["step"].min()),
+                     "params": [], "message": f"Not seen by the probe: {msg} ({int(g['count'].sum())} times)."})
     return rows
 
 
@@ -96,5 +151,5 @@ def module_label(tables: dict, module) -> str:
 
 
 def diagnose(tables: dict) -> pd.DataFrame:
-    rows = gradient_findings(tables) + memory_findings(tables)
+    rows = gradient_findings(tables) + amp_findings(tables) + limit_findings(tables) + memory_findings(tables)
     return sort_findings(frame("findings", rows))

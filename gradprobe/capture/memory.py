@@ -65,6 +65,12 @@ class _Inplace(dict):
         return v
 
 
+class _Token:
+    """Stands for a saved tensor packed by the user's hooks: dies when the graph lets go of it."""
+
+    __slots__ = ("__weakref__",)
+
+
 class _Ref(weakref.ref):
     __slots__ = ("idx",)
 
@@ -142,10 +148,13 @@ class MemoryCollector:
         self.paused = False
         self.ctx = None
         self.hooks = (self._pack, self._unpack)
+        self.inner = None
 
     # --- install / remove ----------------------------------------------------
     def install(self) -> None:
         try:
+            # hooks the user installed before the probe (save_on_cpu, offloading): ours call theirs
+            self.inner = torch._C._autograd._top_saved_tensors_default_hooks(False)
             self.ctx = torch.autograd.graph.saved_tensors_hooks(*self.hooks)
             self.ctx.__enter__()
             self.installed = True
@@ -157,15 +166,18 @@ class MemoryCollector:
         self._refresh_params()
         self._event("enter")
 
-    def pause(self) -> None:
+    def pause(self) -> bool:
         """Off detail steps (every=N) nothing is saved through our hooks: take them off the stack.
 
         Graphs saved earlier keep their own pack/unpack pair, so their accounting goes on.
+        Returns whether it took them off now.
         """
         if self.installed and not self.paused and self._ours_on_top():
             self.ctx.__exit__(None, None, None)
             self.paused = True
             self.group = None
+            return True
+        return False
 
     def resume(self) -> None:
         if self.installed and self.paused:
@@ -243,15 +255,21 @@ class MemoryCollector:
 
     # --- hooks -----------------------------------------------------------------
     def _pack(self, t):
-        d = t.detach()
-        bw = self.probe.backwards.current()
-        try:
-            # saves made during a backward belong to a recompute (reentrant checkpoint), unless the
-            # backward builds a graph of its own (create_graph)
-            idx = self._record(t, d) if self.installed and (bw is None or bw.create_graph) else -1
-        except Exception:
-            idx = -1
-        return (d, d._version, idx)
+        inner = self.inner
+        with torch._C.DisableTorchFunction():  # our own ops are not the user's (cuts, fast paths)
+            # without other hooks we keep a detached alias (its weak reference says when the graph lets
+            # go, and unpack repeats PyTorch's version check); wrapping the user's hooks we keep a token
+            d = t.detach() if inner is None else _Token()
+            bw = self.probe.backwards.current()
+            try:
+                # saves made during a backward belong to a recompute (reentrant checkpoint), unless the
+                # backward builds a graph of its own (create_graph)
+                idx = self._record(t, d) if self.installed and (bw is None or bw.create_graph) else -1
+            except Exception:
+                idx = -1
+        if inner is None:
+            return (d, d._version, idx)
+        return (d, None, idx, inner[0](t))
 
     def _record(self, t, d) -> int:
         g = self.group or self._new_group()
@@ -302,7 +320,7 @@ class MemoryCollector:
         e = _Entry()
         e.storage, e.group, e.step, e.module, e.shape, e.dtype, e.device = \
             s, g, p.step_idx, p.current_module(), t.shape, t.dtype, t.device
-        e.version, e.t, e.used, e.nbytes = d._version, now, [], nbytes
+        e.version, e.t, e.used, e.nbytes = t._version, now, [], nbytes
         e.op = e.func = e.t_freed = e.freed_by = e.free_bw = e.free_group = e.free_step = None
         e.inplace_site = e.inplace_kind = e.inplace_t = None
         self.entries.append(e)
@@ -314,11 +332,13 @@ class MemoryCollector:
         return idx
 
     def _unpack(self, packed):
-        d, version, idx = packed
+        d, version, idx = packed[:3]
         if idx >= 0:
             bw = self.probe.backwards.current()
             if bw is not None:
                 self._use(idx, bw.index)
+        if len(packed) == 4:
+            return self.inner[1](packed[3])
         if d._version != version:
             op = self.entries[idx].op if idx >= 0 else None
             raise RuntimeError(_VERSION_ERROR.format(type=d.type(), shape=list(d.shape), now=d._version,

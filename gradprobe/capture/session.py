@@ -8,6 +8,7 @@ tables of steps and limits; nothing here analyses them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -20,7 +21,7 @@ from .backward import Backwards
 from .clock import StepClock
 from .cuts import CutLog
 from .graph import leaves, newest_seq
-from .handles import Group, ModeOnStack
+from .handles import Group, ModeOnStack, Patch
 from .flow import Flow
 from .modules import ModuleStack
 from .rows import backward_rows
@@ -103,6 +104,7 @@ class Capture:
         stack.add(register_optimizer_step_post_hook(self._optimizer_post))
         for h in self.amp.install():
             stack.add(h)
+        stack.add(Patch(torch.autograd.graph, "disable_saved_tensors_hooks", self._functorch_region()))
         if self.grads:
             stack.add(self.flow)
             for t in self.targets.tracked:
@@ -167,6 +169,28 @@ class Capture:
         h = self.mode_handle
         if h is not None and not h.on and not self.want_off and threading.get_ident() == self.thread:
             h.push()
+
+    def _functorch_region(self):
+        """torch.func transforms refuse saved-tensor hooks: the probe steps aside inside them and says so."""
+        orig = torch.autograd.graph.disable_saved_tensors_hooks
+        capture = self
+
+        @contextlib.contextmanager
+        def disable_saved_tensors_hooks(error_message):
+            if "torch.func" in error_message:
+                capture.note("torch.func")
+            capture.busy += 1
+            paused = capture.memory is not None and capture.memory.pause()
+            try:
+                with orig(error_message):
+                    yield
+            finally:
+                capture.busy -= 1
+                if paused:
+                    capture.memory.resume()
+
+        disable_saved_tensors_hooks.__wrapped__ = orig
+        return disable_saved_tensors_hooks
 
     def _on_new_tracked(self, tracked) -> None:
         if self.installed is not None and self.grads:

@@ -46,20 +46,46 @@ _INTERNAL = tuple(_TORCH + p for p in (
     "autograd" + os.sep + "function.py", "utils" + os.sep + "checkpoint.py", "optim" + os.sep,
     "serialization.py", "nn" + os.sep + "init.py", "_dynamo" + os.sep, "_functorch" + os.sep, "amp" + os.sep,
     "nn" + os.sep + "utils" + os.sep, "storage.py", "utils" + os.sep + "data" + os.sep))
+_INTERNAL_FUNCS = {"_save_to_state_dict", "state_dict", "_load_from_state_dict", "load_state_dict", "_apply",
+                   "__deepcopy__", "__reduce_ex__"}  # module/tensor methods in torch files PyTorch runs for itself
 _internal_files: dict[str, bool] = {}
 
 
 def in_torch_internals(depth: int = 1) -> bool:
-    """True when any frame of the stack runs one of PyTorch's own internals (see _INTERNAL)."""
+    """True when the op runs inside PyTorch's own machinery, not as the user's computation.
+
+    A frame in one of _INTERNAL's files, a state_dict/_apply/deepcopy method of torch, or the
+    forward of a custom `torch.autograd.Function` (which PyTorch runs under no_grad by design).
+    """
     f = sys._getframe(depth)
     while f is not None:
-        name = f.f_code.co_filename
+        code = f.f_code
+        name = code.co_filename
         hit = _internal_files.get(name)
         if hit is None:
-            hit = _internal_files[name] = os.path.abspath(name).startswith(_INTERNAL)
-        if hit:
+            path = os.path.abspath(name)
+            hit = _internal_files[name] = 2 if path.startswith(_INTERNAL) else 1 if path.startswith(_TORCH) else 0
+        if hit == 2 or (hit == 1 and code.co_name in _INTERNAL_FUNCS):
+            return True
+        if code.co_name == "forward" and _custom_function_forward(f):
             return True
         f = f.f_back
+    return False
+
+
+def _custom_function_forward(frame) -> bool:
+    """Is this frame the forward of a torch.autograd.Function (ctx style or setup_context style)?"""
+    code = frame.f_code
+    if code.co_argcount:
+        first = frame.f_locals.get(code.co_varnames[0])
+        if isinstance(first, torch.autograd.function.FunctionCtx):
+            return True
+    owner = getattr(code, "co_qualname", "").rpartition(".")[0]
+    if owner and "<" not in owner:
+        obj = frame.f_globals.get(owner.split(".")[0])
+        for part in owner.split(".")[1:]:
+            obj = getattr(obj, part, None)
+        return isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
     return False
 
 
