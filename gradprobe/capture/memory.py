@@ -296,6 +296,9 @@ class MemoryCollector:
                     base = t._base
                 if not base.is_leaf:
                     kind = "activation"
+                    cast = _cast_of(base, p.targets.by_tensor)
+                    if cast is not None:
+                        kind, param = "cast", cast
                 elif base.requires_grad:
                     tr = p.targets.by_tensor.get(base)
                     named = p.targets.leaf_names.get(base) if p.discover and tr is None else None
@@ -782,6 +785,17 @@ def _typed(table, col, values):
     """A column of `values` with the schema's dtype for table.col."""
     spec = TABLES[table][col]
     return pd.Series(values, dtype="float64" if spec == "float64" else spec).values
+
+
+def _cast_of(t, by_tensor):
+    """Name of the parameter `t` is a dtype copy of (autocast's weight cast), else None."""
+    gf = t.grad_fn
+    if gf is None or type(gf).__name__ != "ToCopyBackward0":
+        return None
+    nxt = gf.next_functions
+    var = getattr(nxt[0][0], "variable", None) if nxt and nxt[0][0] is not None else None
+    tr = by_tensor.get(var) if var is not None else None
+    return tr.name if tr is not None else None
 
 
 def _in_backward() -> bool:

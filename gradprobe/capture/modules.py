@@ -28,9 +28,22 @@ class ModuleStack:
         self.ran: set[str] = set()  # modules whose forward ran in this step
 
     def install(self) -> list:
-        nn = torch.nn.modules.module
-        return [nn.register_module_forward_pre_hook(self._pre),
-                nn.register_module_forward_hook(self._post, always_call=True)]
+        """Hooks on the tracked modules; global hooks only when the probe observes everything (model=None).
+
+        Per-module hooks leave `nn.Module`'s global-hook check false, which torch.compile'd modules
+        warn about, and cost nothing for modules the probe does not track.
+        """
+        if self.probe.discover:
+            nn = torch.nn.modules.module
+            return [nn.register_module_forward_pre_hook(self._pre),
+                    nn.register_module_forward_hook(self._post, always_call=True)]
+        handles = []
+        for info in self.probe.targets.modules:
+            m = info.ref()
+            if m is not None:
+                handles.append(m.register_forward_pre_hook(self._pre))
+                handles.append(m.register_forward_hook(self._post, always_call=True))
+        return handles
 
     def current(self) -> str | None:
         for f in reversed(self.frames):
@@ -42,8 +55,10 @@ class ModuleStack:
         return sum(1 for f in self.frames if f.info is not None)
 
     def _pre(self, module, args) -> None:
+        if torch.compiler.is_compiling():  # first: dynamo folds it and traces nothing of ours
+            return
         p = self.probe
-        if p.busy or torch.compiler.is_compiling():
+        if p.busy:
             return
         if p.want_off:
             p.try_off()
@@ -51,6 +66,9 @@ class ModuleStack:
         p.resume_mode()  # a forward inside optimizer.step (LBFGS closure) is user code again
         targets = p.targets
         info = targets.info_of(module)
+        if type(module).__name__ == "OptimizedModule":  # a torch.compile'd module (model=None)
+            p._compiled()
+            return
         if info is None and p.discover and not self.tracked_depth():
             targets.discover(module)
             info = targets.info_of(module)
@@ -71,7 +89,7 @@ class ModuleStack:
         self.frames.append(_Frame(module, info, grad, popped))
 
     def _post(self, module, args, out) -> None:
-        if not self.frames or self.frames[-1].module is not module:
+        if torch.compiler.is_compiling() or not self.frames or self.frames[-1].module is not module:
             return
         f = self.frames.pop()
         if f.popped:

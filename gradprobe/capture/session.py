@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 
 import torch
@@ -50,14 +51,17 @@ class Capture:
         self.targets = Targets()
         self.targets.on_new = self._on_new_tracked
         self.discover = model is None
+        self.compiled = False  # torch.compile is in play: per-op capture stays off (see _compiled)
+        roots = model.values() if isinstance(model, dict) else [model]
+        self.compiled_model = any(_is_compiled(m) for m in roots)
         if isinstance(model, torch.nn.Module):
-            self.targets.add_root("", model)
+            self.targets.add_root("", _uncompiled(model))
         elif isinstance(model, dict):
             for k, m in model.items():
                 if not isinstance(k, str) or not isinstance(m, torch.nn.Module):
                     raise TypeError("gradprobe.Probe: a dict model must map str names to nn.Module, "
                                     f"got {type(k).__name__} -> {type(m).__name__}")
-                self.targets.add_root(k, m)
+                self.targets.add_root(k, _uncompiled(m))
         elif model is not None:
             raise TypeError(f"gradprobe.Probe: model must be an nn.Module, a dict of name -> nn.Module "
                             f"or None, got {type(model).__name__}")
@@ -80,6 +84,7 @@ class Capture:
         self.detail = self.schedule.detail(0)
         self.instruments = Group()  # detail-step handles, on or off with the schedule
         self.want_off = False  # the instruments are to come off at the next chance (see try_off)
+        self.arm_later = None  # a step whose instruments were set during a backward: applied at its end
         self.busy = 0  # >0: inside a backward or the probe's own work
         self.n_backward = 0
         self.thread = None
@@ -112,7 +117,15 @@ class Capture:
         if self.memory is not None:
             stack.add(_MemoryHandle(self.memory))
         stack.add(self.instruments)
+        stack.callback(self._mode_off)
+        for h in self._watch_compile():
+            stack.add(h)
         self._arm(self.clock.step)
+
+    def _mode_off(self) -> None:
+        if self.mode_handle is not None:
+            self.mode_handle.remove()
+            self.mode_handle = None
 
     def after_close(self) -> None:
         self.want_off = False
@@ -121,45 +134,57 @@ class Capture:
         self.busy = 0
 
     def _arm(self, step: int) -> None:
-        """Set the detail instruments for `step` (the one under way or the one about to begin)."""
-        if self.thread is not None and threading.get_ident() != self.thread:
+        """Set the detail instruments for `step` (the one under way or the one about to begin).
+
+        Not while a backward runs (an optimizer stepped in a post-accumulate-grad hook): the engine
+        restores the thread's saved-tensor hooks when it returns, so that waits for its end.
+        """
+        tid = threading.get_ident()
+        if self.thread is not None and tid != self.thread:
             return
-        on = self.schedule.detail(step)
+        if tid in self.backwards.by_thread:
+            self.arm_later = step
+            return
+        on = self.schedule.detail(step) and not self.compiled
         if on:
             self.want_off = False
             if self.mode is not None:
                 self.mode.enabled = True
             if not self.instruments.handles:
                 self.instruments.add(_Hooks(self.modules.install()))
-                if self.mode is not None:
-                    self.mode_handle = self.instruments.add(ModeOnStack(self.mode))
-                    self.mode_handle.push()
                 if self.memory is not None:
                     self.memory.resume()
-        elif self.instruments.handles:
+            if self.mode is not None and self.mode_handle is None:
+                self.mode_handle = ModeOnStack(self.mode)
+                self.mode_handle.push()
+        elif self.instruments.handles or self.mode_handle is not None:
             if self.mode is not None:
                 self.mode.enabled = False  # inert at once; off the stack as soon as we are outside its handler
             self.want_off = True
             self.try_off()
 
     def try_off(self) -> None:
-        """Take the detail instruments off, unless the mode is inside its own handler now.
+        """Take the detail instruments off; the mode waits if it is inside its own handler now.
 
         Inside `__torch_function__` (a `loss.backward()` runs there) PyTorch has popped the mode and
         pushes it back afterwards, so it can only leave the stack from outside: the next module
         call, optimizer step or backward retries.
         """
-        if not self.want_off or (self.thread is not None and threading.get_ident() != self.thread):
+        tid = threading.get_ident()
+        if not self.want_off or (self.thread is not None and tid != self.thread) or tid in self.backwards.by_thread:
             return
+        if self.instruments.handles:
+            self.instruments.remove()
+            self.modules.clear()
+            if self.memory is not None:
+                self.memory.pause()
         h = self.mode_handle
-        if h is not None and h.on and not h.on_top():
-            return
+        if h is not None:
+            if h.on and not h.on_top():
+                return
+            h.remove()
+            self.mode_handle = None
         self.want_off = False
-        self.instruments.remove()
-        self.mode_handle = None
-        self.modules.clear()
-        if self.memory is not None:
-            self.memory.pause()
 
     def mode_aside(self) -> bool:
         h = self.mode_handle
@@ -169,6 +194,53 @@ class Capture:
         h = self.mode_handle
         if h is not None and not h.on and not self.want_off and threading.get_ident() == self.thread:
             h.push()
+
+    def _watch_compile(self) -> list:
+        """torch.compile guards on hooks and modes: once it is in play, per-op capture stays off.
+
+        Compiled code is traced once; hooks or a torch-function mode that come and go with the
+        schedule would add graph breaks and recompilations (and OptimizedModule warns about global
+        hooks). So when a model given to the probe is compiled, something was compiled before, or a
+        compilation starts while the probe is on, the probe keeps only what needs no per-op hook:
+        backwards, arrival and norms of gradients, steps.
+        """
+        handles = []
+        if self.compiled or self.compiled_model or _compiled_before():
+            self._compiled()
+            return handles
+        capture = self
+
+        def on_start(*args):
+            capture._compiled()
+
+        def register():
+            from torch._dynamo import callback_handler
+            _not_for_dynamo()
+            callback_handler.register_start_callback(on_start)
+            handles.append(_Callback(callback_handler, on_start))
+
+        if "torch._dynamo" in sys.modules:
+            register()
+        else:  # torch.compile imports dynamo: register then
+            orig = torch.compile
+
+            def compile(*args, **kwargs):
+                if not any(isinstance(h, _Callback) for h in handles):
+                    register()
+                return orig(*args, **kwargs)
+
+            compile.__wrapped__ = orig
+            handles.append(Patch(torch, "compile", compile))
+        return handles
+
+    def _compiled(self) -> None:
+        if not self.compiled:
+            self.compiled = True
+            self.note("compile")
+            self.want_off = True
+            if self.mode is not None:
+                self.mode.enabled = False
+            self.try_off()
 
     def _functorch_region(self):
         """torch.func transforms refuse saved-tensor hooks: the probe steps aside inside them and says so."""
@@ -311,6 +383,10 @@ class Capture:
         finally:
             self.busy -= 1
         self.clock.backward_ends(torch._C._autograd._get_sequence_nr())
+        if self.arm_later is not None:
+            step, self.arm_later = self.arm_later, None
+            self._arm(step)
+        self.try_off()
 
     def _watch_changes(self, bw, counts) -> None:
         """Trigger a full capture of the next step when arrival changed or a non-finite value appeared."""
@@ -337,6 +413,56 @@ class Capture:
         if self.memory is not None:
             self.memory.fill_tables(tables)
         return tables
+
+
+def _not_for_dynamo() -> None:
+    """Dynamo runs our hooks, and all they call, as they are instead of compiling them as frames.
+
+    (A compiled module's own hooks run eagerly inside dynamo's context: without this, each Python
+    function they call would be a frame to compile.)
+    """
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:
+        return
+    from .flow import Flow, _Arrival
+    from .mode import ProbeMode
+    skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+    fns = [ModuleStack._pre, ModuleStack._post, Flow.hook_output, _Arrival.__call__,
+           ProbeMode.__torch_function__, Capture._compiled, Backwards._engine]
+    for fn in fns:
+        set_code_exec_strategy(fn.__code__, skip)
+        for const in fn.__code__.co_consts:
+            if hasattr(const, "co_code"):
+                set_code_exec_strategy(const, skip)
+
+
+def _is_compiled(module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
+def _uncompiled(module):
+    """The module a torch.compile wrapper runs (names without `_orig_mod.`)."""
+    return module._orig_mod if _is_compiled(module) else module
+
+
+def _compiled_before() -> bool:
+    """Compiled code from before the probe is cached in this process (torch._dynamo.reset() clears it)."""
+    convert = sys.modules.get("torch._dynamo.convert_frame")
+    try:
+        return convert is not None and any(r() is not None for r in convert.output_codes.seen)
+    except Exception:
+        return False
+
+
+class _Callback:
+    def __init__(self, handler, fn) -> None:
+        self.handler, self.fn = handler, fn
+
+    def remove(self) -> None:
+        if self.fn in self.handler.start_callbacks:
+            self.handler.remove_start_callback(self.fn)
 
 
 class _Hooks:
