@@ -157,7 +157,11 @@ class Capture:
             if self.mode is not None and self.mode_handle is None:
                 self.mode_handle = ModeOnStack(self.mode)
                 self.mode_handle.push()
-        elif self.instruments.handles or self.mode_handle is not None:
+        else:
+            if self.memory is not None:
+                self.memory.pause()  # installed on entering the probe: off until a detail step
+            if not (self.instruments.handles or self.mode_handle is not None):
+                return
             if self.mode is not None:
                 self.mode.enabled = False  # inert at once; off the stack as soon as we are outside its handler
             self.want_off = True
