@@ -6,11 +6,13 @@ Every message names the line, the bytes (also human readable) and what to do.
 
 from __future__ import annotations
 
-import warnings
+import logging
 
 import pandas as pd
 
 from .text import human_bytes, span
+
+log = logging.getLogger("gradprobe")
 
 
 def human(n) -> str:
@@ -32,7 +34,7 @@ def memory_findings(tables: dict) -> list[dict]:
         try:
             rows += rule(tables)
         except Exception as e:  # a broken rule must not hide the others
-            warnings.warn(f"gradprobe: memory rule {rule.__name__} failed: {e!r}")
+            log.warning(f"gradprobe: memory rule {rule.__name__} failed: {e!r}")
     return rows
 
 

@@ -99,3 +99,23 @@ def _safe_remove(handle) -> None:
         handle.remove()
     except Exception as e:
         log.warning("gradprobe: could not remove %r: %r", handle, e)
+
+
+class Hooks:
+    """Handles of torch hooks as one handle."""
+
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class MemoryHandle:
+    def __init__(self, memory) -> None:
+        self.memory = memory
+        memory.install()
+
+    def remove(self) -> None:
+        self.memory.remove()

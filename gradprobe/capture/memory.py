@@ -13,10 +13,10 @@ The collector holds numbers, names and weak references only.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-import warnings
 import weakref
 
 import numpy as np
@@ -37,6 +37,8 @@ _VERSION_ERROR = ("one of the variables needed for gradient computation has been
                   "installed; see the probe's inplace_saved finding for the line that wrote it.)")
 
 _STATM = None
+
+log = logging.getLogger("gradprobe")
 
 
 def _rss():
@@ -201,10 +203,10 @@ class MemoryCollector:
             if top is not None and top[0] is self.hooks[0]:
                 self.ctx.__exit__(None, None, None)
             else:
-                warnings.warn("gradprobe: other saved_tensors_hooks were still installed above the probe's at exit; "
+                log.warning("gradprobe: other saved_tensors_hooks were still installed above the probe's at exit; "
                               "left the stack as it is")
         except Exception as e:
-            warnings.warn(f"gradprobe: could not remove saved-tensor hooks: {e!r}")
+            log.warning(f"gradprobe: could not remove saved-tensor hooks: {e!r}")
         try:
             self._event("exit", rss=True)
         except Exception:
@@ -583,7 +585,7 @@ class MemoryCollector:
         try:
             self._fill(tables)
         except Exception as e:  # never break reading the other tables
-            warnings.warn(f"gradprobe: could not build the memory tables: {e!r}")
+            log.warning(f"gradprobe: could not build the memory tables: {e!r}")
 
     def _cf_end(self, e: _Entry) -> float:
         """When the entry would have been released had its graph been freed at its first backward."""

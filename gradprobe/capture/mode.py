@@ -70,7 +70,7 @@ class ProbeMode(TorchFunctionMode):
         super().__init__()
         self.probe = probe
         self.tags = WeakIdKeyDictionary()  # tensor -> frozenset of cut ids it depends on
-        self.enabled = True  # False: inert until it can leave the stack (see Capture.try_off)
+        self.enabled = True  # False: inert until it can leave the stack (see Instruments.try_off)
 
     # --- tags -------------------------------------------------------------
     def tags_of(self, tensors) -> frozenset:

@@ -25,6 +25,7 @@ class ModuleStack:
     def __init__(self, probe) -> None:
         self.probe = probe
         self.frames: list[_Frame] = []
+        self.depth = 0  # tracked modules among the frames
         self.ran: set[str] = set()  # modules whose forward ran in this step
 
     def install(self) -> list:
@@ -52,7 +53,7 @@ class ModuleStack:
         return None
 
     def tracked_depth(self) -> int:
-        return sum(1 for f in self.frames if f.info is not None)
+        return self.depth
 
     def _pre(self, module, args) -> None:
         if torch.compiler.is_compiling():  # first: dynamo folds it and traces nothing of ours
@@ -60,10 +61,10 @@ class ModuleStack:
         p = self.probe
         if p.busy:
             return
-        if p.want_off:
-            p.try_off()
+        if p.instruments.want_off:
+            p.instruments.try_off()
             return
-        p.resume_mode()  # a forward inside optimizer.step (LBFGS closure) is user code again
+        p.instruments.resume_mode()  # a forward inside optimizer.step (LBFGS closure) is user code again
         targets = p.targets
         info = targets.info_of(module)
         if type(module).__name__ == "OptimizedModule":  # a torch.compile'd module (model=None)
@@ -76,24 +77,26 @@ class ModuleStack:
         parent_grad = self.frames[-1].grad if self.frames else True
         popped = False
         if not grad:
-            popped = p.mode_aside()  # fused fast paths check has_torch_function: no mode under no_grad calls
+            popped = p.instruments.mode_aside()  # fused fast paths check has_torch_function: no mode under no_grad calls
             if parent_grad and info is not None and info.params:
                 self._no_grad_call(module, info)
         elif info is not None:
             p.graph_activity()
         if info is not None:
-            if not self.frames or self.tracked_depth() == 0:
+            if not self.depth:
                 if p.memory is not None:
                     p.memory.on_forward(module)
             self.ran.add(info.name)
         self.frames.append(_Frame(module, info, grad, popped))
+        self.depth += info is not None
 
     def _post(self, module, args, out) -> None:
         if torch.compiler.is_compiling() or not self.frames or self.frames[-1].module is not module:
             return
         f = self.frames.pop()
+        self.depth -= f.info is not None
         if f.popped:
-            self.probe.resume_mode()
+            self.probe.instruments.resume_mode()
         info = f.info
         p = self.probe
         if info is not None and info.params and p.detail and p.grads and f.grad and not p.busy:
@@ -124,6 +127,7 @@ class ModuleStack:
 
     def clear(self) -> None:
         self.frames.clear()
+        self.depth = 0
 
 
 def _requires_grad(tracked) -> bool:
