@@ -145,7 +145,11 @@ def load(path) -> Run:
                 raise RunFileError(f"{p}: meta.json is not valid JSON; the run file is corrupt") from None
             if not isinstance(head, dict) or head.get("format") != FORMAT:
                 raise RunFileError(f"{p} is not a gradprobe run (meta.json has no format {FORMAT!r})")
-            if int(head.get("version", 0)) > VERSION:
+            version = head.get("version")
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise RunFileError(f"{p}: meta.json has no valid run format version (got {version!r}); the run "
+                                   "file is corrupt or was not written by gradprobe's probe.save()")
+            if version > VERSION:
                 raise RunFileError(f"{p} was written by a newer gradprobe (run format version "
                                    f"{head['version']} > {VERSION}); upgrade gradprobe to read it")
             order = list(head.get("tables") or [])

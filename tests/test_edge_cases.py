@@ -104,3 +104,46 @@ def test_shape_only_ops_are_not_cuts_and_a_module_returning_a_parameter_leaves_n
     assert probe.to_pandas()["cuts"].empty
     assert not pos.pe._backward_hooks
     assert set(probe.to_pandas()["params"]["status"]) == {"flow"}
+
+
+from torch.autograd import grad as grad_bound_early  # noqa: E402  bound before any probe exists
+
+from tests.identical import check_identical, collect  # noqa: E402
+
+
+@pytest.mark.parametrize("track", [("grads",), ("cuts",), ("memory",), ("grads", "cuts", "memory")])
+def test_grad_imported_before_the_probe_is_seen_with_every_track(track):
+    model = MLP()
+    with gp.Probe(model, track=track) as probe:
+        (g,) = grad_bound_early(model(torch.randn(3, 6)).sum(), [model.fc1.weight])
+    bw = probe.to_pandas()["backward"]
+    assert bw["api"].tolist() == ["autograd.grad"]
+    assert g.shape == model.fc1.weight.shape
+
+
+class Nest(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inner = Nest(depth - 1) if depth > 1 else None
+
+    def forward(self, x):
+        x = torch.tanh(self.lin(x))
+        return self.inner(x) if self.inner is not None else x
+
+
+def test_deep_nesting_of_200_modules_trains_identically_and_names_the_deepest():
+    def train(wrap):
+        model = Nest(200)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with wrap(model):
+            for _ in range(2):
+                model(torch.randn(2, 4)).pow(2).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        return collect(model, opt)
+
+    probe = check_identical(train, every=1)
+    params = probe.to_pandas()["params"]
+    deepest = ".".join(["inner"] * 199) + ".lin.weight"
+    assert set(params.loc[params["param"] == deepest, "status"]) == {"flow"}

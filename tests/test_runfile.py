@@ -156,3 +156,23 @@ def test_save_to_bad_path(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         save_run(tables, meta, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("version", [None, "junk", 3.5, [1], True])
+def test_a_run_file_with_a_null_or_junk_version_is_one_clear_line(tmp_path, version):
+    import json
+    import zipfile
+    tables, meta = small_run()
+    good = save_run(tables, meta, tmp_path / "good.gprobe")
+    with zipfile.ZipFile(good) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    head = json.loads(files["meta.json"])
+    head["version"] = version
+    files["meta.json"] = json.dumps(head).encode()
+    bad = tmp_path / "bad.gprobe"
+    with zipfile.ZipFile(bad, "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    with pytest.raises(RunFileError) as e:
+        load(bad)
+    assert "no valid run format version" in str(e.value) and "\n" not in str(e.value)

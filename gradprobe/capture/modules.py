@@ -14,6 +14,9 @@ import torch
 from .sites import checkpoint_call, in_torch_internals, site
 
 
+MAX_DEPTH = 48  # hooked nesting depth: a hook adds a Python frame per level (deeper ones count for their ancestor)
+
+
 class _Frame:
     __slots__ = ("module", "info", "grad", "popped")
 
@@ -41,7 +44,7 @@ class ModuleStack:
         handles = []
         for info in self.probe.targets.modules:
             m = info.ref()
-            if m is not None:
+            if m is not None and info.depth <= MAX_DEPTH:
                 handles.append(m.register_forward_pre_hook(self._pre))
                 handles.append(m.register_forward_hook(self._post, always_call=True))
         return handles
