@@ -493,7 +493,8 @@ class MemoryCollector:
             self.group = None
             self.root_site = None
             self.assigned = len(self.entries)
-            self._event("backward_begin", site=bw.site, backward=bw.index)
+            if bw.detail:  # off detail steps nothing is recorded per backward (bounded host memory)
+                self._event("backward_begin", site=bw.site, backward=bw.index)
         except Exception:
             pass
 
@@ -503,6 +504,8 @@ class MemoryCollector:
             self.root_site = None
             self.assigned = len(self.entries)
             used = self.bw_used.get(bw.index, ())
+            if not bw.detail and not used:
+                return  # not sampled, and it went through no recorded graph: its figures are missing
             held, retained = {}, {}
             for idx in used:
                 e = self.entries[idx]
@@ -539,7 +542,8 @@ class MemoryCollector:
                 else:
                     row.update(leak_site=oldest.site, leak_cause="reference")
                 row["note"] = span(steps, "step")
-            self._event("step_end", rss=True, **row)
+            if row or self.probe.detail or self.open_groups:  # a step not sampled, with nothing alive: no row
+                self._event("step_end", rss=True, **row)
         except Exception:
             pass
 
