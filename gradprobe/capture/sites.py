@@ -34,9 +34,16 @@ def site(depth: int = 1) -> str | None:
     while f is not None:
         shown = _shown(f.f_code.co_filename)
         if shown is not None:
-            return f"{shown}:{f.f_lineno}"
+            key = (shown, f.f_lineno)
+            where = _sites.get(key)
+            if where is None:  # one string per line, shared by every record that names it
+                where = _sites[key] = f"{shown}:{f.f_lineno}"
+            return where
         f = f.f_back
     return None
+
+
+_sites: dict[tuple, str] = {}
 
 
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
