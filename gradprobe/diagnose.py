@@ -42,6 +42,7 @@ def gradient_findings(tables: dict) -> list[dict]:
         return rows
     got = set(params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"])
     none = params[params["status"] == "none"]
+    sampled = sampled_note(tables)
     for (cause, where), g in none.groupby(["cause", "site"], dropna=False, sort=False):
         names = list(dict.fromkeys(g["param"]))
         never = [n for n in names if n not in got]
@@ -58,6 +59,7 @@ def gradient_findings(tables: dict) -> list[dict]:
             why = f"flow stopped by {cut_label(first['kind'], first['op'])} at {where}" + module_label(
                 tables, first["module"])
         tail = "" if never else " They received gradients in other backward calls, so this looks deliberate."
+        tail += sampled
         rows.append({"kind": "no_gradient", "severity": severity, "site": where,
                      "step": int(g["step"].min()), "params": names,
                      "message": f"{_names(names)} received no gradient in {span(g['backward'], 'backward')}: "
@@ -88,6 +90,19 @@ def gradient_findings(tables: dict) -> list[dict]:
                                 f"{first['backward']} (step {first['step']}), {n} parameter(s) affected; "
                                 f"the layers nearest the loss get gradients first, so look there."})
     return rows
+
+
+def sampled_note(tables: dict) -> str:
+    """` (Seen in 6 sampled steps of 60; ...)` when per-parameter detail was sampled, else ``."""
+    steps, backward = tables.get("steps"), tables["backward"]
+    if backward.empty or "detail" not in backward or backward["detail"].isna().all():
+        return ""
+    total = int(backward["step"].nunique())
+    detail = int(backward.loc[backward["detail"].fillna(False).astype(bool), "step"].nunique())
+    if detail >= total:
+        return ""
+    return (f" (Seen in {detail} sampled step{'s' if detail != 1 else ''} of {total}; whether a gradient "
+            f"arrived was checked in all {total}: see the backward table's params_none.)")
 
 
 def _amp_skipped(tables: dict) -> set:

@@ -136,3 +136,18 @@ def test_every_n_keeps_totals_each_step_and_detail_every_n():
     assert sorted(t["params"]["step"].unique()) == [0, 2, 4]
     assert t["backward"]["step"].tolist() == [0, 1, 2, 3, 4]
     assert t["backward"]["params_flow"].tolist() == [4] * 5
+
+
+def test_a_finding_made_from_sampled_steps_says_so():
+    model = TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model, every=5) as probe:
+        for _ in range(10):
+            main, aux = model(torch.randn(3, 6))
+            main.sum().backward()
+            opt.step()
+            opt.zero_grad()
+    t = probe.to_pandas()
+    assert t["backward"]["params_none"].tolist() == [4] * 10  # arrival is checked every step
+    f = [f for f in probe.findings if f.kind == "no_gradient"][0]
+    assert "Seen in 2 sampled steps of 10; whether a gradient arrived was checked in all 10" in f.message
