@@ -94,7 +94,7 @@ def gradient_findings(tables: dict) -> list[dict]:
 
 def sampled_note(tables: dict) -> str:
     """` (Seen in 6 sampled steps of 60; ...)` when per-parameter detail was sampled, else ``."""
-    steps, backward = tables.get("steps"), tables["backward"]
+    backward = tables["backward"]
     if backward.empty or "detail" not in backward or backward["detail"].isna().all():
         return ""
     total = int(backward["step"].nunique())

@@ -22,7 +22,6 @@ class Schedule:
                              f"got {every!r}")
         self.every = None if every is None else int(every)
         self.triggered: set[int] = set()
-        self.detail_steps = 0  # how many steps had detail (for "in 6 sampled steps of 60")
 
     def describe(self) -> str:
         if self.every is None:

@@ -21,15 +21,16 @@ from .backward import Backwards
 from .clock import StepClock
 from .cuts import CutLog
 from .graph import leaves, newest_seq
+from .flow import Flow
 from .handles import MemoryHandle, Patch
 from .instruments import Instruments
-from .flow import Flow
 from .modules import ModuleStack
 from .rows import backward_rows
 from .schedule import Schedule
 from .targets import Targets
 
 log = logging.getLogger("gradprobe")
+
 
 class Capture:
     def __init__(self, model, track, every) -> None:
@@ -58,7 +59,7 @@ class Capture:
         self.cutlog = CutLog()
         self.flow = Flow(self)
         self.modules = ModuleStack(self)
-        self.backwards = Backwards(self._backward_begins, self._backward_ends, self._skipped)
+        self.backwards = Backwards(self._backward_begins, self._backward_ends, self.note)
         self.clock = StepClock(self._step_ends, self._merge, self._arm)
         self.amp = Amp(self)
         self.memory = None
@@ -128,10 +129,7 @@ class Capture:
     # --- events from the parts -------------------------------------------------
     def graph_activity(self) -> None:
         """A graph is being built (forward): applies a pending step boundary."""
-        if self.clock.pending:
-            self.clock.touch()
-        else:
-            self.clock.active = True
+        self.clock.touch()
 
     def record_cut(self, kind, op, where, upstream, module=...):
         return self.cutlog.record(self.clock.step, kind, op, where,
@@ -159,9 +157,6 @@ class Capture:
         else:
             entry[1] += 1
 
-    def _skipped(self, why: str) -> None:
-        self.note(why)
-
     def _step_ends(self, step: int) -> None:
         self.store.add("steps", step=step, detail=self.detail, amp_skipped=False)
         if self.memory is not None:
@@ -169,7 +164,6 @@ class Capture:
         self.cutlog.end_step()
         self.modules.end_step()
         self.sigs, self.sigs_now = self.sigs_now, []
-        self.schedule.detail_steps += self.detail
         self.detail = self.schedule.detail(step + 1)
         self.instruments.arm(step + 1)
 
