@@ -75,3 +75,17 @@ def test_bad_options_give_one_line_naming_the_fix(kwargs, error, text):
 def test_every_accepts_any_integral_number():
     probe = gp.Probe(MLP(), every=numpy.int64(10))
     assert probe.schedule.every == 10 and probe.meta["every"] == 10
+
+
+def test_pytorch_warnings_keep_pointing_at_the_users_line():
+    """softmax without dim warns inside the probe's __torch_function__: shown at the user's line."""
+    code = ("import warnings, torch, gradprobe as gp\n"
+            "m = torch.nn.Linear(3, 3)\n"
+            "with gp.Probe(m, every=1):\n"
+            "    x = m(torch.randn(2, 3))\n"
+            "    y = torch.nn.functional.softmax(x)\n"  # line 5
+            "    y.sum().backward()\n")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "<string>:5: UserWarning: Implicit dimension choice for softmax" in out.stderr, out.stderr
+    assert "gradprobe" not in out.stderr

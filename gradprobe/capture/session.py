@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -27,6 +28,7 @@ from .instruments import Instruments
 from .modules import ModuleStack
 from .rows import backward_rows
 from .schedule import Schedule
+from .sites import warnings_at_user_line
 from .targets import Targets
 
 log = logging.getLogger("gradprobe")
@@ -97,6 +99,7 @@ class Capture:
         for h in self.amp.install():
             stack.add(h)
         stack.add(Patch(torch.autograd.graph, "disable_saved_tensors_hooks", functorch_region(self)))
+        stack.add(Patch(warnings, "showwarning", warnings_at_user_line()))
         if self.grads:
             stack.add(self.flow)
             for t in self.targets.tracked:

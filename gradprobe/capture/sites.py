@@ -110,3 +110,35 @@ def checkpoint_call(depth: int = 1):
             return where, [a for a in args if isinstance(a, torch.Tensor)]
         f = f.f_back
     return None
+
+
+_OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def user_frame(depth: int = 1):
+    """(filename, lineno) of the innermost frame outside torch, gradprobe and contextlib, or None."""
+    import warnings
+    f = sys._getframe(depth)
+    while f is not None:
+        name = f.f_code.co_filename
+        if _shown(name) is not None and name != warnings.__file__:
+            return name, f.f_lineno
+        f = f.f_back
+    return None
+
+
+def warnings_at_user_line():
+    """A `warnings.showwarning` that moves a warning attributed to a gradprobe frame (PyTorch warned
+    inside the probe's `__torch_function__`) to the user's line, where it points without the probe."""
+    import warnings
+    shown_before = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(_OWN):
+            where = user_frame(2)
+            if where is not None:
+                filename, lineno = where
+                line = None
+        return shown_before(message, category, filename, lineno, file, line)
+
+    return showwarning
