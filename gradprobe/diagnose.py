@@ -112,6 +112,19 @@ def _amp_skipped(tables: dict) -> set:
     return set(steps.loc[steps["amp_skipped"], "step"])
 
 
+def weight_findings(tables: dict) -> list[dict]:
+    """Parameters that became NaN/Inf after an optimizer step: training cannot recover from that."""
+    weights = tables.get("weights")
+    if weights is None or weights.empty:
+        return []
+    first = int(weights["step"].min())
+    names = list(dict.fromkeys(weights.sort_values("step")["param"]))
+    return [{"kind": "nonfinite_weights", "severity": "error", "site": None, "step": first, "params": names,
+             "message": f"{_names(names, 2)} became NaN/Inf after an optimizer step in step {first} (checked on "
+                        "sampled steps). Every later forward is NaN from there. Look at the learning rate, the "
+                        "gradients of the steps before (nonfinite_grad) and clip them (`clip_grad_norm_`)."}]
+
+
 def amp_findings(tables: dict) -> list[dict]:
     """GradScaler's own overflow steps: expected with AMP, info (the scale is lowered and the step skipped)."""
     steps = tables.get("steps")
@@ -166,5 +179,5 @@ def module_label(tables: dict, module) -> str:
 
 
 def diagnose(tables: dict) -> pd.DataFrame:
-    rows = gradient_findings(tables) + amp_findings(tables) + limit_findings(tables) + memory_findings(tables)
+    rows = gradient_findings(tables) + weight_findings(tables) + amp_findings(tables) + limit_findings(tables) + memory_findings(tables)
     return sort_findings(frame("findings", rows))

@@ -133,6 +133,7 @@ def small_run() -> tuple[dict[str, pd.DataFrame], dict]:
         "backward": frame("backward", backward), "memory": frame("memory", memory),
         "steps": frame("steps", [dict(step=s, detail=s % 2 == 0, amp_skipped=s == 1,
                                       grad_scale=32768.0 if s == 1 else None) for s in range(N_STEPS)]),
+        "weights": frame("weights", [dict(step=2, param="G.fc2.weight", status="nonfinite")]),
         "limits": frame("limits", [dict(step=1, what="thread", site="thread worker", note="ran in another thread",
                                         count=3)]),
         "findings": frame("findings", FINDINGS),
@@ -205,6 +206,7 @@ def big_run(n_steps: int = 10_000, n_params: int = 200) -> tuple[dict[str, pd.Da
         "params": params, "modules": modules, "cuts": frame("cuts", []), "saved": saved,
         "backward": backward, "memory": memory,
         "steps": frame("steps", {"step": steps, "detail": steps % 10 == 0, "amp_skipped": np.zeros(n_steps, bool)}),
+        "weights": frame("weights", []),
         "limits": frame("limits", []),
         "findings": frame("findings", FINDINGS[:1] + FINDINGS[4:5]),
     }

@@ -765,3 +765,19 @@ def test_c8_hessian_vector_product_probe_arithmetic_never_in_tables():
     assert set(saved["op"].dropna()) <= ops, set(saved["op"].dropna()) - ops
     # the first-order norms the probe measures on grads that require grad must not build graph
     assert not any("Norm" in op for op in saved["op"].dropna()), sorted(set(saved["op"].dropna()))
+
+
+def test_c4_weights_turned_nonfinite_by_an_optimizer_step_are_an_error():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model) as probe:
+        for i in range(3):
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            if i == 1:
+                opt.param_groups[0]["lr"] = float("inf")  # the step that breaks the weights
+            opt.step()
+            opt.zero_grad()
+    assert not torch.isfinite(model.fc1.weight).all()  # the premise
+    bad = [f for f in probe.findings if f.kind == "nonfinite_weights"]
+    assert len(bad) == 1 and bad[0].severity == "error" and bad[0].step == 1
+    assert "fc1.weight" in bad[0].params

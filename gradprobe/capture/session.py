@@ -21,6 +21,7 @@ from .aside import functorch_region, is_compiled, uncompiled, watch_compile
 from .backward import Backwards
 from .clock import StepClock
 from .cuts import CutLog
+from .gradstats import measure
 from .graph import leaves, newest_seq
 from .flow import Flow
 from .handles import MemoryHandle, Patch
@@ -80,6 +81,7 @@ class Capture:
         self.sigs: list = []  # arrival signature of each backward of the previous step (triggers)
         self.sigs_now: list = []
         self.limits: dict = {}  # (what, site) -> [first step, count]
+        self.bad_weights: dict = {}  # parameter name -> first step an optimizer step left it non-finite
         self.threads: set = set()
         self._cache = (None, None)
 
@@ -145,7 +147,22 @@ class Capture:
     def _optimizer_post(self, opt, args, kwargs) -> None:
         self.instruments.try_off()
         self.instruments.resume_mode()
+        if self.detail and self.grads:
+            self._check_weights(opt)
         self.clock.optimizer_stepped(id(opt))
+
+    def _check_weights(self, opt) -> None:
+        """Detail steps: did this optimizer step turn tracked weights non-finite?"""
+        by = self.targets.by_tensor
+        tracked = [(t, p) for g in opt.param_groups for p in g["params"] if (t := by.get(p)) is not None]
+        if not tracked:
+            return
+        with torch.no_grad():
+            measured = measure([p.detach() for _, p in tracked])
+        for (t, _), (_, status) in zip(tracked, measured):
+            if status == "nonfinite" and t.name not in self.bad_weights:
+                self.bad_weights[t.name] = self.clock.step
+                self.store.version += 1
 
     def scaler_skipped(self, opt, scale) -> None:
         self.store.add("steps", step=self.clock.step, detail=self.detail, amp_skipped=True, grad_scale=scale)
@@ -261,6 +278,8 @@ class Capture:
         tables["limits"] = frame("limits", [
             {"step": s, "what": what, "site": where, "note": what, "count": n}
             for (what, where), (s, n) in self.limits.items()])
+        tables["weights"] = frame("weights", [{"step": s, "param": n, "status": "nonfinite"}
+                                              for n, s in self.bad_weights.items()])
         if self.memory is not None:
             self.memory.fill_tables(tables)
         return tables
