@@ -113,16 +113,17 @@ def _amp_skipped(tables: dict) -> set:
 
 
 def weight_findings(tables: dict) -> list[dict]:
-    """Parameters that became NaN/Inf after an optimizer step: training cannot recover from that."""
+    """Parameters that an optimizer step made NaN/Inf: training cannot recover from that."""
     weights = tables.get("weights")
     if weights is None or weights.empty:
         return []
     first = int(weights["step"].min())
     names = list(dict.fromkeys(weights.sort_values("step")["param"]))
     return [{"kind": "nonfinite_weights", "severity": "error", "site": None, "step": first, "params": names,
-             "message": f"{_names(names, 2)} became NaN/Inf after an optimizer step in step {first} (checked on "
-                        "sampled steps). Every later forward is NaN from there. Look at the learning rate, the "
-                        "gradients of the steps before (nonfinite_grad) and clip them (`clip_grad_norm_`)."}]
+             "message": f"{_names(names, 2)} were NaN/Inf themselves by step {first} (checked when a sampled "
+                        "backward found non-finite gradients): an optimizer step before it wrote them, and every "
+                        "forward since computes NaN. Look at the learning rate and the gradients of the steps "
+                        "before, and clip them (`clip_grad_norm_`)."}]
 
 
 def amp_findings(tables: dict) -> list[dict]:

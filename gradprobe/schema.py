@@ -98,7 +98,7 @@ TABLES: dict[str, dict[str, str]] = {
         "amp_skipped": BOOL,  # GradScaler found inf/NaN gradients and skipped the optimizer step
         "grad_scale": FLOAT,  # the scale after that skip (NaN: not a skip)
     },
-    "weights": {  # parameters an optimizer step left non-finite (checked on detail steps)
+    "weights": {  # parameters found NaN/Inf (checked when a detail backward finds non-finite gradients)
         "step": INT, "param": STR, "status": STR,
     },
     "limits": {  # what the probe could not see, one row per cause and place

@@ -779,5 +779,5 @@ def test_c4_weights_turned_nonfinite_by_an_optimizer_step_are_an_error():
             opt.zero_grad()
     assert not torch.isfinite(model.fc1.weight).all()  # the premise
     bad = [f for f in probe.findings if f.kind == "nonfinite_weights"]
-    assert len(bad) == 1 and bad[0].severity == "error" and bad[0].step == 1
+    assert len(bad) == 1 and bad[0].severity == "error" and bad[0].step == 2  # first backward on them
     assert "fc1.weight" in bad[0].params

@@ -147,14 +147,14 @@ class Capture:
     def _optimizer_post(self, opt, args, kwargs) -> None:
         self.instruments.try_off()
         self.instruments.resume_mode()
-        if self.detail and self.grads:
-            self._check_weights(opt)
         self.clock.optimizer_stepped(id(opt))
 
-    def _check_weights(self, opt) -> None:
-        """Detail steps: did this optimizer step turn tracked weights non-finite?"""
-        by = self.targets.by_tensor
-        tracked = [(t, p) for g in opt.param_groups for p in g["params"] if (t := by.get(p)) is not None]
+    def _check_weights(self) -> None:
+        """A detail backward found non-finite gradients: are the weights themselves NaN/Inf?
+
+        Checked only then (a pass over every weight on every step would cost as much as the norms).
+        """
+        tracked = [(t, p) for t in self.targets.tracked if (p := t.ref()) is not None]
         if not tracked:
             return
         with torch.no_grad():
@@ -250,6 +250,8 @@ class Capture:
                            **{f"params_{k}": v for k, v in counts.items()})
             if self.memory is not None:
                 self.memory.end_backward(bw)
+            if counts.get("nonfinite"):
+                self._check_weights()
             self._watch_changes(bw, counts)
         finally:
             self.busy -= 1
