@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 
-_SKIP = (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-    os.path.dirname(os.path.abspath(os.__file__)) + os.sep + "contextlib.py",
-)
+_OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # gradprobe/
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_SKIP = (_OWN, _TORCH, os.path.dirname(os.path.abspath(os.__file__)) + os.sep + "contextlib.py")
 _names: dict[str, str | None] = {}  # co_filename -> shown path (None: skip this frame)
 
 
@@ -28,25 +27,31 @@ def _shown(filename: str) -> str | None:
     return shown
 
 
-def site(depth: int = 1) -> str | None:
-    """`FILE:LINE` of the innermost frame outside torch, gradprobe and contextlib."""
-    f = sys._getframe(depth)
-    while f is not None:
-        shown = _shown(f.f_code.co_filename)
-        if shown is not None:
-            key = (shown, f.f_lineno)
-            where = _sites.get(key)
-            if where is None:  # one string per line, shared by every record that names it
-                where = _sites[key] = f"{shown}:{f.f_lineno}"
-            return where
+def _first_user(f, also_skip: str | None = None):
+    """The innermost frame from `f` outward that is outside torch, gradprobe and contextlib."""
+    while f is not None and (_shown(f.f_code.co_filename) is None or f.f_code.co_filename == also_skip):
         f = f.f_back
-    return None
+    return f
+
+
+def _where(f) -> str:
+    """`FILE:LINE` of a user frame: one string per line, shared by every record that names it."""
+    key = (f.f_code.co_filename, f.f_lineno)
+    where = _sites.get(key)
+    if where is None:
+        where = _sites[key] = f"{_shown(key[0])}:{key[1]}"
+    return where
 
 
 _sites: dict[tuple, str] = {}
 
 
-_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+def site(depth: int = 1) -> str | None:
+    """`FILE:LINE` of the innermost frame outside torch, gradprobe and contextlib."""
+    f = _first_user(sys._getframe(depth))
+    return None if f is None else _where(f)
+
+
 # PyTorch running its own code: ops there are not the user's cuts (custom Function forward and
 # reentrant checkpoint run under no_grad by design; optimizers, serialization, init, compile)
 _INTERNAL = tuple(_TORCH + p for p in (
@@ -103,34 +108,21 @@ def checkpoint_call(depth: int = 1):
     while f is not None:
         if f.f_code.co_name == "forward" and os.path.abspath(f.f_code.co_filename) == ckpt:
             args = f.f_locals.get("args", ())
-            g = f.f_back
-            while g is not None and _shown(g.f_code.co_filename) is None:
-                g = g.f_back
-            where = f"{_shown(g.f_code.co_filename)}:{g.f_lineno}" if g is not None else None
-            return where, [a for a in args if isinstance(a, torch.Tensor)]
+            g = _first_user(f.f_back)
+            return (None if g is None else _where(g)), [a for a in args if isinstance(a, torch.Tensor)]
         f = f.f_back
     return None
-
-
-_OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def user_frame(depth: int = 1):
-    """(filename, lineno) of the innermost frame outside torch, gradprobe and contextlib, or None."""
-    import warnings
-    f = sys._getframe(depth)
-    while f is not None:
-        name = f.f_code.co_filename
-        if _shown(name) is not None and name != warnings.__file__:
-            return name, f.f_lineno
-        f = f.f_back
-    return None
+    """(filename, lineno) of the innermost frame outside torch, gradprobe, contextlib and warnings, or None."""
+    f = _first_user(sys._getframe(depth), also_skip=warnings.__file__)
+    return None if f is None else (f.f_code.co_filename, f.f_lineno)
 
 
 def warnings_at_user_line():
     """A `warnings.showwarning` that moves a warning attributed to a gradprobe frame (PyTorch warned
     inside the probe's `__torch_function__`) to the user's line, where it points without the probe."""
-    import warnings
     shown_before = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
