@@ -89,3 +89,18 @@ def test_pytorch_warnings_keep_pointing_at_the_users_line():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "<string>:5: UserWarning: Implicit dimension choice for softmax" in out.stderr, out.stderr
     assert "gradprobe" not in out.stderr
+
+
+def test_torch_compile_first_used_inside_the_probe_leaves_nothing_installed():
+    """torch._dynamo imported only inside the probe: its compile callback and the torch.compile wrap go on exit."""
+    code = ("import sys, torch, gradprobe as gp\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "orig = torch.compile\n"
+            "m = torch.nn.Linear(3, 3)\n"
+            "with gp.Probe(m):\n"
+            "    torch.compile(m, backend='eager')(torch.randn(2, 3)).sum().backward()\n"
+            "from torch._dynamo import callback_handler\n"
+            "print(len(callback_handler.start_callbacks), torch.compile is orig)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "True"]

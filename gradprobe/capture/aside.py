@@ -18,20 +18,13 @@ import torch
 from .handles import Patch
 
 
-def watch_compile(capture) -> list:
-    """torch.compile guards on hooks and modes: once it is in play, per-op capture stays off.
-
-    Compiled code is traced once; hooks or a torch-function mode that come and go with the
-    schedule would add graph breaks and recompilations (and OptimizedModule warns about global
-    hooks). So when a model given to the probe is compiled, something was compiled before, or a
-    compilation starts while the probe is on, the probe keeps only what needs no per-op hook:
-    backwards, arrival and norms of gradients, steps.
-    """
-    handles = []
+def watch_compile(capture, stack) -> None:
+    """Switch `capture` to compiled mode when compiled code is in play (see above); handles go on `stack`."""
     if capture.compiled or capture.compiled_model or compiled_before():
         capture._compiled()
-        return handles
-    
+        return
+    registered = []
+
     def on_start(*args):
         capture._compiled()
 
@@ -39,7 +32,7 @@ def watch_compile(capture) -> list:
         from torch._dynamo import callback_handler
         _not_for_dynamo(capture)
         callback_handler.register_start_callback(on_start)
-        handles.append(_Callback(callback_handler, on_start))
+        registered.append(stack.add(_Callback(callback_handler, on_start)))
 
     if "torch._dynamo" in sys.modules:
         register()
@@ -47,13 +40,12 @@ def watch_compile(capture) -> list:
         orig = torch.compile
 
         def compile(*args, **kwargs):
-            if not any(isinstance(h, _Callback) for h in handles):
+            if not registered:
                 register()
             return orig(*args, **kwargs)
 
         compile.__wrapped__ = orig
-        handles.append(Patch(torch, "compile", compile))
-    return handles
+        stack.add(Patch(torch, "compile", compile))
 
 
 def functorch_region(capture):

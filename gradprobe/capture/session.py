@@ -109,8 +109,7 @@ class Capture:
         if self.memory is not None:
             stack.add(MemoryHandle(self.memory))
         stack.add(self.instruments)
-        for h in watch_compile(self):
-            stack.add(h)
+        watch_compile(self, stack)
         self.instruments.arm(self.clock.step)
 
     def after_close(self) -> None:
