@@ -59,31 +59,32 @@ def explain(probe, bw, none: list[int]) -> dict:
     cuts = probe.cutlog
     out = {}
     root_cuts = [cuts.cuts[c] for c in sorted(bw.root_tags)]
-    step_cuts = [c for c in cuts.current if c.backward is None or c.backward == bw.index or c.effective]
     ran = probe.modules.ran
     for i in none:
         name = tracked[i].name
         for cut in root_cuts:
             if name in cut.upstream:
-                cut.effective = True
-                if cut.backward is None:
-                    cut.backward = bw.index
+                _effective(cut, bw)
                 out[i] = (cause_of(cut.kind), cut.site)
                 break
         else:
-            for cut in step_cuts:
+            for cut in cuts.current:  # cuts made earlier in this step
                 if name in cut.upstream:
                     out[i] = (cause_of(cut.kind), cut.site)
-                    if cut.kind == "reentrant_checkpoint":
-                        cut.effective = True
-                        if cut.backward is None:
-                            cut.backward = bw.index
+                    if cut.kind == "reentrant_checkpoint":  # its output carries no tag: effective by name
+                        _effective(cut, bw)
                     break
             else:
                 module = tracked[i].module
                 used = module is None or module in ran or any(m.startswith(module + ".") for m in ran)
                 out[i] = ("not_in_graph" if used else "not_used", None)
     return out
+
+
+def _effective(cut, bw) -> None:
+    cut.effective = True
+    if cut.backward is None:
+        cut.backward = bw.index
 
 
 def module_rows(probe, bw, status_by_index, outs) -> None:
