@@ -11,7 +11,8 @@ output). ratio = sum of probed block times / sum of baseline block times over on
 repetition; the table gives the median over R repetitions and their min-max spread.
 
 Configurations: `default` = gp.Probe(model), `every=1` = gp.Probe(model, every=1),
-`grads` = gp.Probe(model, track="grads", every=1).
+`grads` = gp.Probe(model, track="grads", every=1), `memory` = gp.Probe(model, track="memory"),
+`memory every=1` = gp.Probe(model, track="memory", every=1).
 
     python benchmarks/overhead.py                         # every workload and configuration
     python benchmarks/overhead.py --markdown              # markdown table at the end
@@ -42,6 +43,8 @@ CONFIGS = {  # name -> keyword arguments of gp.Probe besides the model
     "default": {},
     "every=1": {"every": 1},
     "grads": {"track": "grads", "every": 1},
+    "memory": {"track": "memory"},
+    "memory every=1": {"track": "memory", "every": 1},
 }
 
 DEFAULTS = dict(warmup=10, blocks=10, block=None, repeats=5)  # block None: the workload's own size

@@ -136,7 +136,7 @@ def _leak(tables: dict) -> list[dict]:
         first, last = g.iloc[0], g.iloc[-1]
         growing = len(g) > 1 and (last["leaked_graphs"] > first["leaked_graphs"] or
                                   last["leaked_bytes"] > first["leaked_bytes"])
-        if cause != "accumulation" and not growing:
+        if cause not in ("accumulation", "carried") and not growing:
             continue  # one graph kept by a variable that is not reassigned: not a leak
         nodes, nbytes = int(last["leaked_nodes"]), int(last["leaked_bytes"])
         span = int(g["step"].iloc[-1] - g["step"].iloc[0])
@@ -148,16 +148,31 @@ def _leak(tables: dict) -> list[dict]:
             growth = f", growing by about {' and '.join(grow)} per step" if grow else ", not growing"
         else:
             growth = ""
-        kept = (f"{int(last['leaked_graphs'])} graph(s) of earlier steps ({last['note'] or '?'}) were still alive at "
+        since = str(last["note"]).split(";")[0] if pd.notna(last["note"]) else "?"
+        kept = (f"{int(last['leaked_graphs'])} graph(s) of earlier steps ({since}) were still alive at "
                 f"the end of step {int(last['step'])}: at least {nodes} autograd nodes and {human(nbytes)} of "
                 f"saved tensors{growth}.")
+        held = last["note"] if pd.notna(last["note"]) and "held by" in str(last["note"]) else None
         if cause == "accumulation":
             msg = (f"{where} combines tensors from different steps (like `epoch_loss += loss`), so every step's "
                    f"graph hangs on the next: {kept} Accumulate `loss.item()` (or `loss.detach()`) instead.")
+        elif cause == "carried":
+            msg = (f"The forward at {where} is given a tensor from an earlier step's graph (a hidden state carried "
+                   f"across batches without `.detach()`?), so each step's graph hangs on the previous one: {kept} "
+                   "Detach what you carry over between batches (`hidden = tuple(h.detach() for h in hidden)`).")
+        elif cause == "create_graph":
+            msg = (f"The backward at {where} uses create_graph=True, so the gradients it leaves in `.grad` carry a "
+                   f"graph that references the parameters (a reference cycle): {kept} Use "
+                   "`torch.autograd.grad(..., create_graph=True)` for the higher-order term, or set the grads to "
+                   "None after the step (`optimizer.zero_grad(set_to_none=True)`).")
         elif cause == "retain_graph":
             msg = (f"The backward at {where} used retain_graph=True and something still references those graphs, "
                    f"so their saved tensors stay alive: {kept} Drop retain_graph=True, or keep `.detach()`ed "
                    "tensors or `.item()` values instead of graph outputs.")
+        elif held is not None:
+            var = held.split("held by ", 1)[1]
+            msg = (f"{where} keeps graph outputs of every step in {var}, so their graphs stay alive: {kept} Keep "
+                   "`loss.item()` (or `.detach()`ed tensors) there instead.")
         else:
             msg = (f"Graphs built by the forward at {where} outlive their step: something keeps a reference to "
                    f"their outputs (a list of losses or outputs, a hidden state carried over): {kept} Keep "

@@ -108,12 +108,16 @@ def test_freed_by_each_lifetime():
     del d
 
 
+NODE_HOOKS = callable(getattr(torch._C._autograd, "_push_node_creation_hook", None))
+
+
 def test_probe_exit_removes_hooks_and_keeps_nothing_alive():
     from torch.multiprocessing.reductions import StorageWeakRef
     lin = nn.Linear(8, 8)
     assert hooks_top() is None
     with gp.Probe(lin) as probe:
-        assert hooks_top() is not None
+        # torch 2.14+: saved tensors are read from new nodes, no saved-tensor hooks are installed
+        assert (hooks_top() is None) == NODE_HOOKS
         h = lin(torch.randn(4, 8)).relu()  # relu saves its result
         ref = StorageWeakRef(h.untyped_storage())
         out = h.sigmoid()

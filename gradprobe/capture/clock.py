@@ -36,6 +36,10 @@ class StepClock:
         self.calls = 0  # depth of decorated calls
         self._on_end, self._on_merge, self._on_pending = on_end, on_merge, on_pending
 
+    def provisional(self) -> bool:
+        """The steps so far may still fold into step 0 (no optimizer and no explicit or decorated step yet)."""
+        return self.rule == "auto" and not self.optimizers and self.step < MERGE_WINDOW
+
     # --- activity ---------------------------------------------------------
     def touch(self) -> None:
         """Graph-building activity: applies a pending boundary first."""

@@ -36,7 +36,7 @@ class Instruments(Group):
         if threading.get_ident() in c.backwards.by_thread:
             self.arm_later = step
             return
-        if c.schedule.detail(step) and not c.compiled:
+        if c.detail_of(step) and not c.compiled:
             self.want_off = False
             if c.mode is not None:
                 c.mode.enabled = True

@@ -66,11 +66,25 @@ def _outputs(out):
 
 
 class ProbeMode(TorchFunctionMode):
-    def __init__(self, probe) -> None:
+    def __init__(self, probe, cuts: bool = True) -> None:
         super().__init__()
         self.probe = probe
+        self.cuts = cuts  # False: only names ops and in-place writes for the memory collector
         self.tags = WeakIdKeyDictionary()  # tensor -> frozenset of cut ids it depends on
         self.enabled = True  # False: inert until it can leave the stack (see Instruments.try_off)
+
+    def _memory_only(self, memory, func, args, kwargs):
+        out = func(*args, **kwargs)
+        if memory.inplace[func] or "out" in kwargs or kwargs.get("inplace") is True:
+            memory.on_inplace(func, args, kwargs)
+        elif func == _DATA_GET:
+            memory.on_data(out)
+        elif torch.is_grad_enabled():
+            o = out if isinstance(out, Tensor) else next(iter(_outputs(out)), None)
+            if o is not None and o.requires_grad and o.grad_fn is not None:
+                self.probe.graph_activity()
+                memory.on_op(func, args, kwargs, out)
+        return out
 
     # --- tags -------------------------------------------------------------
     def tags_of(self, tensors) -> frozenset:
@@ -106,6 +120,8 @@ class ProbeMode(TorchFunctionMode):
         p = self.probe
         if not self.enabled or p.busy or func in _SILENT or torch.compiler.is_compiling():
             return func(*args, **kwargs)
+        if not self.cuts:
+            return self._memory_only(p.memory, func, args, kwargs)
         if func is Tensor.detach_:
             src = args[0]
             if src.requires_grad and not in_torch_internals(2):
@@ -129,8 +145,11 @@ class ProbeMode(TorchFunctionMode):
             return out
         out = func(*args, **kwargs)
         memory = p.memory
-        if memory is not None and (memory.inplace[func] or "out" in kwargs or kwargs.get("inplace") is True):
-            memory.on_inplace(func, args, kwargs)
+        if memory is not None:
+            if memory.inplace[func] or "out" in kwargs or kwargs.get("inplace") is True:
+                memory.on_inplace(func, args, kwargs)
+            elif func == _DATA_GET:
+                memory.on_data(out)
         op = _TO_PYTHON.get(func)
         if op is not None:
             if args[0].requires_grad:

@@ -88,7 +88,7 @@ class ModuleStack:
         if info is not None:
             if not self.depth:
                 if p.memory is not None:
-                    p.memory.on_forward(module)
+                    p.memory.on_forward(module, args)
             self.ran.add(info.name)
         self.frames.append(_Frame(module, info, grad, popped))
         self.depth += info is not None

@@ -70,10 +70,10 @@ class Capture:
             from .memory import MemoryCollector
             self.memory = MemoryCollector(self)
         self.mode = None
-        if "cuts" in track:
+        if "cuts" in track or "memory" in track:  # memory alone: the mode names ops and in-place writes
             from .mode import ProbeMode
-            self.mode = ProbeMode(self)
-        self.detail = self.schedule.detail(0)
+            self.mode = ProbeMode(self, cuts="cuts" in track)
+        self.detail = self.schedule.detail(0)  # `clock` exists from here on: see detail_of
         self.instruments = Instruments(self)  # detail-step hooks and mode, on or off with the schedule
         self.busy = 0  # >0: inside a backward or the probe's own work
         self.n_backward = 0
@@ -122,6 +122,12 @@ class Capture:
             self.compiled = True
             self.note("compile")
             self.instruments.off_soon()
+
+    def detail_of(self, step: int) -> bool:
+        """Whether `step` is captured in full. While the first iteration is still being learnt (no
+        optimizer seen yet, first MERGE_WINDOW steps) the steps so far may fold into step 0: they are
+        captured like step 0, so a detail step 0 is complete whatever it turns out to hold."""
+        return self.schedule.detail(step) or (self.clock.provisional() and self.schedule.detail(0))
 
     def _arm(self, step: int) -> None:
         self.instruments.arm(step)
@@ -183,7 +189,7 @@ class Capture:
         self.cutlog.end_step()
         self.modules.end_step()
         self.sigs, self.sigs_now = self.sigs_now, []
-        self.detail = self.schedule.detail(step + 1)
+        self.detail = self.detail_of(step + 1)
         self.instruments.arm(step + 1)
 
     def _merge(self, to: int) -> None:
