@@ -186,12 +186,13 @@ def _unused(tables: dict) -> list[dict]:
     saved = tables.get("saved")
     if saved is None or saved.empty or "graph" not in saved:
         return []
-    per = saved.groupby("graph", sort=False).agg(
-        site=("site", "first"), step=("step", "min"),
-        used=("backward", lambda s: s.notna().any()),
-        released=("freed_by", lambda s: (s != "alive").all()),
-        act=("nbytes", lambda s: int(s[saved.loc[s.index, "kind"] == "activation"].sum())),
-        total=("nbytes", "sum"))
+    cols = pd.DataFrame({
+        "graph": saved["graph"], "site": saved["site"], "step": saved["step"],
+        "used": saved["backward"].notna(), "released": saved["freed_by"] != "alive",
+        # what no_grad would save: storages that exist only because of the graph (never parameters/buffers)
+        "act": saved["nbytes"].where(saved["kind"].isin(("activation", "cast")), 0)})
+    per = cols.groupby("graph", sort=False).agg(site=("site", "first"), step=("step", "min"), used=("used", "any"),
+                                                released=("released", "all"), act=("act", "sum"))
     per = per[~per["used"] & per["released"] & (per["act"] > 0)]
     rows = []
     for where, g in per.groupby(per["site"].astype(object).fillna("?"), sort=False):

@@ -66,3 +66,51 @@ def test_hf_gpt2_trains_identically_and_names_parameters(sched):
     assert "transformer.wte.weight" in set(params["param"])
     assert set(params["status"]) == {"flow"}
     assert not [f for f in probe.findings if f.severity == "error"]
+
+
+def _graph_only_bytes(model, x):
+    """Bytes of storages autograd saves for one forward that exist only because of the graph (not
+    parameters, buffers or the input), each storage once: counted with our own hooks, no probe."""
+    known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) + [x]}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(n for k, n in seen.items() if k not in known), set(seen) & known
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=["default", "every1", "every3"])
+def test_resnet18_no_grad_saving_is_its_activation_bytes_never_parameters(sched):
+    """COMPAT C.10 / issue 9: on torchvision resnet18 (batch 8, 64x64, train mode) what `no_grad` would
+    save -- the probe's unused_graph bytes and compare_no_grad's saving -- is the activation bytes."""
+    models = pytest.importorskip("torchvision.models")
+    import gradprobe as gp
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=10)
+    x = torch.randn(8, 3, 64, 64)
+    want, params_saved = _graph_only_bytes(model, x)
+    assert params_saved  # resnet18 saves its conv weights and BN buffers: they must stay out
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gp.Probe(model, **sched) as probe:
+        for _ in range(4):  # with every=3 the validation after iteration 2 is in step 3, a detail step
+            loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            model(x)  # VALIDATION: a forward under grad that no backward uses
+    (f,) = [f for f in probe.findings if f.kind == "unused_graph"]  # same shapes: bytes do not change
+    assert abs(f.nbytes - want) <= 0.05 * want, (f.nbytes, want)
+    saved = probe.to_pandas()["saved"]
+    val = saved[saved["graph"] == saved["graph"].max()]
+    assert set(val.loc[val["kind"].isin(["parameter", "buffer"]), "nbytes"].index).isdisjoint(
+        val.loc[val["kind"].isin(["activation", "cast"])].index)
+    assert int(val.loc[val["kind"] == "parameter", "storage_bytes"].sum()) > 0  # weights were saved, and kept apart
+    cmp = gp.compare_no_grad(model, x).to_pandas().set_index("mode")
+    saving = cmp.loc["grad", "activation_bytes"] + cmp.loc["grad", "cast_bytes"]
+    assert abs(saving - want) <= 0.05 * want, (saving, want)

@@ -65,6 +65,7 @@ class SavedLog:
         self.order: deque = deque()  # graph ids in creation order (dead ones dropped lazily)
         self.n_nodes = 0
         self.n_bytes = 0
+        self.visits = 0  # graphs looked at by leaked(), for the scale tests: O(1) per step
         # backwards
         self.used: dict[int, array] = {}  # backward -> rows it went through
         self.bw: dict[int, dict] = {}  # backward -> figures
@@ -191,6 +192,8 @@ class SavedLog:
         """Graphs of earlier steps alive at the end of `step` (those of the step before only if they
         still hold saved bytes): (graphs, nodes, bytes, oldest Graph) or None. O(graphs of two steps)."""
         n, nodes, nbytes = len(self.alive), self.n_nodes, self.n_bytes
+        self.visits += len(self.by_step.get(step, ())) + len(self.by_step.get(step - 1, ())) + len(
+            self.by_step.get(step + 1, ()))
         for g in self.by_step.get(step, {}).values():
             n, nodes, nbytes = n - 1, nodes - g.nodes, nbytes - g.live_bytes
         for g in self.by_step.get(step + 1, {}).values():  # graphs already begun for the next step
@@ -204,6 +207,7 @@ class SavedLog:
         order = self.order
         while order and order[0] not in self.alive:
             order.popleft()
+            self.visits += 1
         oldest = next((self.graphs[i] for i in order if self.graphs[i].step < step - 1 or (
             self.graphs[i].step == step - 1 and self.graphs[i].live_bytes > 0)), None)
         return n, nodes, nbytes, oldest
