@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import gradprobe as gp
 from tests.conftest import demo_site, site_of
@@ -340,11 +341,41 @@ def test_unused_graph_validation_without_no_grad():
     del out, val
 
 
+TRACKS = [("grads", "cuts", "memory"), ("memory",)]  # memory alone is complete: op names, in-place writes
+
+
+@pytest.mark.parametrize("track", TRACKS)
+def test_op_names_without_the_cuts_track(track):
+    """Each saved tensor is named by the node that saved it, also with track=("memory",)."""
+    lin = nn.Linear(3, 3)
+    with gp.Probe(lin, track=track, every=1) as probe:
+        F.cross_entropy(lin(torch.randn(2, 3)).relu(), torch.tensor([0, 2])).backward()
+    saved = probe.to_pandas()["saved"]
+    assert saved["op"].notna().all()
+    assert {"AddmmBackward0", "ReluBackward0", "LogSoftmaxBackward0", "NllLossBackward0"} <= set(saved["op"])
+    assert set(saved.loc[saved["op"] == "AddmmBackward0", "func"]) == {"linear"}
+
+
+def test_checkpoint_recomputation_is_marked_not_counted():
+    from torch.utils.checkpoint import checkpoint
+    net = _mlp()
+    x = torch.randn(4, 6, requires_grad=True)
+    with gp.Probe(net, every=1) as probe:
+        h = checkpoint(net[0], x, use_reentrant=True)
+        net[2](net[1](h)).sum().backward()
+    t = probe.to_pandas()
+    rec = t["memory"][t["memory"]["event"] == "recompute"]
+    assert len(rec) == 1 and "not counted" in rec["note"].iloc[0]
+    began = t["memory"].loc[t["memory"]["event"] == "backward_begin", "t"].iloc[0]
+    assert len(t["saved"]) and (t["saved"]["t_saved"] < began).all()  # nothing saved during the backward
+
+
 # --- in-place writes to saved tensors ---------------------------------------------------------------------
-def test_inplace_through_data_is_an_error():
+@pytest.mark.parametrize("track", TRACKS)
+def test_inplace_through_data_is_an_error(track):
     lin = nn.Linear(3, 3)
     x = torch.randn(2, 3)
-    with gp.Probe(lin) as probe:
+    with gp.Probe(lin, track=track) as probe:
         out = lin(x).sigmoid()
         c = out.data
         c.zero_()  # DATA-WRITE
@@ -356,10 +387,11 @@ def test_inplace_through_data_is_an_error():
     assert ".data" in f.message and "silently wrong" in f.message
 
 
-def test_inplace_through_detach_is_a_warning_before_pytorch_raises():
+@pytest.mark.parametrize("track", TRACKS)
+def test_inplace_through_detach_is_a_warning_before_pytorch_raises(track):
     lin = nn.Linear(3, 3)
     x = torch.randn(2, 3)
-    with gp.Probe(lin) as probe:
+    with gp.Probe(lin, track=track) as probe:
         out = lin(x).sigmoid()
         c = out.detach()
         c.zero_()  # DETACH-WRITE
