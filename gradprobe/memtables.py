@@ -201,26 +201,25 @@ def _retain(lg, b, info, ix, t_freed, freed, s_nbytes, sid, t_saved, tl, peak) -
 
 def _modules(lg, mods, sid, s_nbytes) -> None:
     """Bytes each module's forward (with its children) saved for each backward; NA where not measured."""
-    parts = []
     s_first = np.frombuffer(lg.s_first, dtype=np.int64) if len(lg.s_first) else np.zeros(0, np.int64)
     module = np.array(lg.module, dtype=object)
-    for b, rows in lg.used.items():
-        if b not in lg.bw:
-            continue
-        u = np.unique(sid[np.frombuffer(rows, dtype=np.int64)])
-        parts.append(pd.DataFrame({"backward": b, "owner": module[s_first[u]], "nbytes": s_nbytes[u]}))
-    measured = mods["backward"].isin(list(lg.bw))
-    if parts:
-        d = pd.concat(parts, ignore_index=True)
+    bws = [b for b in lg.used if b in lg.bw]
+    measured = mods["backward"].isin(list(lg.bw)).to_numpy()
+    vals = np.zeros(len(mods))
+    if bws:
+        rows = [np.frombuffer(lg.used[b], dtype=np.int64) for b in bws]
+        b_of = np.repeat(np.array(bws, dtype=np.int64), [len(r) for r in rows])
+        ns = max(len(s_nbytes), 1)
+        pair = np.unique(b_of * ns + sid[np.concatenate(rows)])  # each storage once per backward
+        pb, ps = pair // ns, pair % ns
+        d = pd.DataFrame({"backward": pb, "owner": module[s_first[ps]], "nbytes": s_nbytes[ps]})
         d = d[d["owner"].notna()].groupby(["backward", "owner"], as_index=False)["nbytes"].sum()
-        anc = d["owner"].map(_ancestors)
-        d = d.assign(module=anc).explode("module")
-        roll = d.groupby(["backward", "module"])["nbytes"].sum()
+        owners = pd.Series(d["owner"].unique())
+        anc = pd.DataFrame({"owner": owners, "module": owners.map(_ancestors)}).explode("module")
+        roll = d.merge(anc, on="owner").groupby(["backward", "module"])["nbytes"].sum()
         key = pd.MultiIndex.from_arrays([mods["backward"], mods["module"].astype(object).fillna("")])
         vals = roll.reindex(key).fillna(0).to_numpy()
-    else:
-        vals = np.zeros(len(mods))
-    mods["saved_bytes"] = _masked(vals, measured.to_numpy())
+    mods["saved_bytes"] = _masked(vals, measured)
 
 
 def _ancestors(name: str) -> list:
