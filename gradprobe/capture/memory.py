@@ -69,6 +69,7 @@ class MemoryCollector:
         self.recomputed: dict[int, int] = {}  # backward -> tensors saved again by checkpoint recomputation
         self.cuda = False
         self._last_leak = None
+        self._capped = False
         self._shapes: dict = {}
         from .savednodes import NodePath, available
         if available():
@@ -148,6 +149,9 @@ class MemoryCollector:
         """Row of a tensor just saved for backward (-1 when not recorded)."""
         lg = self.log
         if lg.full:
+            if not self._capped:
+                self._capped = True
+                self._event("memory_off", note=f"saved-tensor rows capped at {len(lg):,}: later saves not recorded")
             return -1
         g = self.graph()
         p = self.probe
