@@ -40,11 +40,13 @@ def gradient_findings(tables: dict) -> list[dict]:
                                 f"{why}"})
     if params.empty:
         return rows
-    got = set(params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"])
+    # sets and lists of distinct names from unique() (vectorised), not from iterating every row
+    got = set(params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"].unique())
     none = params[params["status"] == "none"]
     sampled = sampled_note(tables)
+    cut_cause = None  # cause of each cut row, computed once when a group needs it
     for (cause, where), g in none.groupby(["cause", "site"], dropna=False, sort=False):
-        names = list(dict.fromkeys(g["param"]))
+        names = list(g["param"].unique())  # in order of first appearance, like dict.fromkeys
         never = [n for n in names if n not in got]
         severity = "error" if never else "info"
         cause = None if is_missing(cause) else cause
@@ -54,7 +56,9 @@ def gradient_findings(tables: dict) -> list[dict]:
         elif cause == "reentrant_checkpoint":
             why = _CHECKPOINT_FIX.format(site=where)
         else:
-            desc = records(cuts.loc[(cuts["site"] == where) & (cuts["kind"].map(cause_of) == cause)])
+            if cut_cause is None:
+                cut_cause = cuts["kind"].map(cause_of)
+            desc = records(cuts.loc[(cuts["site"] == where) & (cut_cause == cause)].head(1))
             first = desc[0] if desc else {"kind": cause, "op": None, "module": None}
             why = f"flow stopped by {cut_label(first['kind'], first['op'])} at {where}" + module_label(
                 tables, first["module"])
@@ -62,12 +66,12 @@ def gradient_findings(tables: dict) -> list[dict]:
         tail += sampled
         rows.append({"kind": "no_gradient", "severity": severity, "site": where,
                      "step": int(g["step"].min()), "params": names,
-                     "message": f"{_names(names)} received no gradient in {span(g['backward'], 'backward')}: "
+                     "message": f"{_names(names)} received no gradient in {span(g['backward'].unique(), 'backward')}: "
                                 f"{why}.{tail}"})
-    none_params = set(none["param"])
+    none_params = set(none["param"].unique())
     effective = cuts[cuts["effective"] & (cuts["kind"] != "reentrant_checkpoint")]  # told by no_gradient
     for (kind, where), g in effective.groupby(["kind", "site"], dropna=False, sort=False):
-        r = records(g)[0]
+        r = records(g.head(1))[0]
         cut_off = list(dict.fromkeys(p for ups in g["upstream"] for p in ups if p in none_params))
         deliberate = all(p in got for p in cut_off)
         steps = sorted(set(g["step"]))
