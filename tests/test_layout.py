@@ -104,3 +104,12 @@ def test_torch_compile_first_used_inside_the_probe_leaves_nothing_installed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0", "True"]
+
+
+def test_docs_api_columns_are_the_schema():
+    """docs/API.md's column tables are what docs/make_api.py writes from gradprobe/schema.py."""
+    docs = ROOT.parent / "docs"
+    out = subprocess.run([sys.executable, str(docs / "make_api.py")], capture_output=True, text=True, check=True)
+    text = (docs / "API.md").read_text()
+    inside = text.split("<!-- columns: begin -->")[1].split("<!-- columns: end -->")[0]
+    assert inside.strip() == out.stdout.strip(), "run: python docs/make_api.py and paste it into docs/API.md"
