@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="gradprobe",
         description="Where did my gradients go, and what is my autograd graph holding in memory?",
         epilog="Run 'gradprobe COMMAND --help' for a command's options.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"gradprobe {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("demo", help="run a demo training loop and write its HTML report",
                        description="Run one of the bundled demos under a gradprobe.Probe and write its report.",
@@ -113,11 +115,25 @@ def _cmd_report(args) -> int:
 def _cmd_summary(args) -> int:
     from .summary import summarize
     run = _load(args.run)
-    print(summarize(run.to_pandas(), run.meta))
+    sys.stdout.write(summarize(run.to_pandas(), run.meta) + "\n")
+    sys.stdout.flush()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `gradprobe summary RUN | head -1`: the reader left; that is not an error
+        import os
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not complain
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -125,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"demo": _cmd_demo, "report": _cmd_report, "summary": _cmd_summary}[args.command](args)
+    except BrokenPipeError:
+        raise
     except (UsageError, OSError, ValueError) as e:  # RunFileError and FileNotFoundError included
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"gradprobe {args.command}: error: {msg}", file=sys.stderr)

@@ -6,7 +6,8 @@ import pandas as pd
 
 from .cuts import cause_of, cut_label
 from .finding import sort_findings
-from .memdiag import memory_findings
+from .memdiag import cut_unused_graphs, cut_unused_text, memory_findings
+from .numdiag import numerics_findings
 from .schema import frame
 from .text import is_missing, records, span
 
@@ -70,19 +71,33 @@ def gradient_findings(tables: dict) -> list[dict]:
                                 f"{why}.{tail}"})
     none_params = set(none["param"].unique())
     effective = cuts[cuts["effective"] & (cuts["kind"] != "reentrant_checkpoint")]  # told by no_gradient
+    unused = cut_unused_graphs(tables) if len(effective) else {}  # forward graphs a cut left unused
     for (kind, where), g in effective.groupby(["kind", "site"], dropna=False, sort=False):
         r = records(g.head(1))[0]
         cut_off = list(dict.fromkeys(p for ups in g["upstream"] for p in ups if p in none_params))
         deliberate = all(p in got for p in cut_off)
         steps = sorted(set(g["step"]))
+        hit = unused.get((kind, where))
+        extra = cut_unused_text(hit) if hit is not None else ""
+        nbytes = int(hit["act"].max()) if hit is not None else None
+        if not deliberate:
+            # one finding per root cause: the no_gradient error at this line already names the cut and the
+            # parameters; it takes the advice and the graph the cut left unused instead of a second finding
+            same = [x for x in rows if x["kind"] == "no_gradient" and x["severity"] == "error"
+                    and x["site"] == where and set(cut_off) <= set(x["params"])]
+            if same:
+                same[0]["message"] += " Nothing else gave them a gradient: if they should train, remove the cut." + extra
+                same[0]["nbytes"] = nbytes
+                continue
         rows.append({"kind": "detach_cut", "severity": "info" if deliberate else "warning",
-                     "site": r["site"], "step": steps[0], "params": cut_off,
+                     "site": r["site"], "step": steps[0], "params": cut_off, "nbytes": nbytes,
                      "message": f"{cut_label(kind, r['op'])} at {r['site']}{module_label(tables, r['module'])}"
                                 f" stopped gradient flow to "
                                 f"{_names(cut_off, 2)} in {span(steps, 'step')}."
                                 + (" Those parameters got gradients from another backward, as in a GAN's "
                                    "discriminator step: fine if intended." if deliberate else
-                                   " Nothing else gave them a gradient: if they should train, remove the cut.")})
+                                   " Nothing else gave them a gradient: if they should train, remove the cut.")
+                                + extra})
     skipped = _amp_skipped(tables)
     bad = params[(params["status"] == "nonfinite") & ~params["step"].isin(skipped)]
     if not bad.empty:
@@ -184,5 +199,5 @@ def module_label(tables: dict, module) -> str:
 
 
 def diagnose(tables: dict) -> pd.DataFrame:
-    rows = gradient_findings(tables) + weight_findings(tables) + amp_findings(tables) + limit_findings(tables) + memory_findings(tables)
+    rows = numerics_findings(tables, gradient_findings(tables) + weight_findings(tables) + amp_findings(tables) + limit_findings(tables) + memory_findings(tables))
     return sort_findings(frame("findings", rows))

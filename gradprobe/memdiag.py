@@ -1,6 +1,6 @@
 """Memory diagnosis rules: saved/backward/memory tables in, findings out. Pure pandas, never touches torch.
 
-Kinds: inplace_saved, retain_graph_unneeded, graph_leak, unused_graph, saved_hooks_shadowed.
+Kinds: inplace_saved, retain_graph_unneeded, retain_graph_avoidable, graph_leak, unused_graph, saved_hooks_shadowed.
 Every message names the line, the bytes (also human readable) and what to do.
 """
 
@@ -43,8 +43,24 @@ def _inplace(tables: dict) -> list[dict]:
     if saved is None or saved.empty or "inplace_site" not in saved:
         return []
     hit = saved[saved["inplace_site"].notna()]
-    rows = []
+    # only about a graph that a later backward went through (or that PyTorch refused: inplace_backward is
+    # then the failed backward), or one still alive while recording goes on (a backward may come); a graph
+    # dropped, or left at the end, without any backward after the write made no wrong gradient
+    mem = tables.get("memory")
+    ended = mem is None or mem.empty or mem.sort_values("t", kind="stable")["event"].iloc[-1] == "exit"
+    later = hit["inplace_backward"].notna()
+    if not ended:
+        later |= hit["freed_by"] == "alive"
     backward = tables.get("backward")
+    refused = {}  # step -> first backward PyTorch refused for an in-place change (its check can run before
+    # the probe's unpack hook sees the tensor: inplace_backward is then missing)
+    if backward is not None and not backward.empty and "error" in backward:
+        err = backward[backward["error"].astype(object).fillna("").str.contains("modified by an inplace")]
+        refused = err.groupby("step")["backward"].min().to_dict()
+    if refused:
+        later |= (hit["inplace_kind"] == "version") & (hit["freed_by"] != "backward") & hit["step"].isin(refused)
+    hit = hit[later]
+    rows = []
     for (where, kind), g in hit.groupby(["inplace_site", "inplace_kind"], sort=False):
         nbytes = int(g.drop_duplicates("storage")["storage_bytes"].sum())
         first = g.iloc[0]
@@ -65,6 +81,8 @@ def _inplace(tables: dict) -> list[dict]:
             if backward is not None and len(used) and "error" in backward:
                 b = backward[backward["backward"].isin(used.astype("int64").tolist()) & backward["error"].notna()]
                 failed = int(b["backward"].iloc[0]) if len(b) else None
+            if failed is None and not len(used) and int(g["step"].min()) in refused:
+                failed = int(refused[int(g["step"].min())])
             tail = (f" Backward {failed} raised that error." if failed is not None else
                     " The next backward through this graph will raise it.")
             msg = (f"{where} modified in place (through `.detach()`, under torch.no_grad() or an in-place op) a "
@@ -78,18 +96,51 @@ def _inplace(tables: dict) -> list[dict]:
     return rows
 
 
+def _retain_verdicts(bw: pd.DataFrame, r: pd.DataFrame) -> pd.Series:
+    """Per retained backward: `unneeded` (no later backward used the graph), `avoidable` (the next backward
+    used it with nothing in between: two losses of one forward) or `needed` (an optimizer step, zero_grad or
+    clipping, another backward in between, a create_graph backward or autograd.grad reusing it)."""
+    rank = _col(bw, "rank")
+    steps, changed = _col(bw, "opt_steps"), _col(bw, "grads_changed")
+    info = {(rk, int(b)): (bool(cg), api, s, ch) for rk, b, cg, api, s, ch in
+            zip(rank, bw["backward"], bw["create_graph"], bw["api"], steps, changed)}
+    out = []
+    for rk, b, later in zip(_col(r, "rank"), r["backward"], r["reused_by"]):
+        if pd.isna(later):
+            out.append("unneeded")
+            continue
+        this, nxt = info.get((rk, int(b))), info.get((rk, int(later)))
+        if this is None or nxt is None or this[1] == "autograd.grad" or int(later) != int(b) + 1:
+            out.append("needed")  # another backward in between, or autograd.grad then backward
+        elif nxt[0] or nxt[1] == "autograd.grad":
+            out.append("needed")  # a gradient penalty / higher-order term: no sum of losses replaces it
+        elif pd.notna(this[2]) and pd.notna(nxt[2]) and int(this[2]) != int(nxt[2]):
+            out.append("needed")  # an optimizer step in between: the second loss must see the new weights' graph
+        elif pd.notna(nxt[3]) and bool(nxt[3]):
+            out.append("needed")  # zero_grad, clipping or another change to the gradients in between
+        else:
+            out.append("avoidable")
+    return pd.Series(out, index=r.index, dtype=object)
+
+
 def _retain(tables: dict) -> list[dict]:
     bw = tables.get("backward")
     if bw is None or bw.empty or "reused_by" not in bw:
         return []
     # create_graph implies retain_graph (the higher-order graph is the point): never advice to drop it
     r = bw[bw["retain_graph"].astype(bool) & ~bw["create_graph"].astype(bool) & (bw["retained_bytes"].fillna(0) > 0)]
+    if r.empty:
+        return []
+    verdict = _retain_verdicts(bw, r)
     rows = []
-    for (where, reused), g in r.groupby([r["site"].astype(object).fillna("?"), r["reused_by"].notna()], sort=False):
+    for (where, what), g in r.groupby([r["site"].astype(object).fillna("?"), verdict], sort=False):
+        if what == "needed":
+            continue  # an optimizer step, zero_grad or other work between the backwards: retain_graph is needed
         first = g.iloc[0]
         nbytes = int(g["retained_bytes"].max())
         calls = f"{len(g)} backward calls ({span(g['step'], 'step')})" if len(g) > 1 else f"backward {first['backward']}"
-        if not reused:
+        calls += _sampled(tables)
+        if what == "unneeded":
             held = g["retained_until"] - g["t"] - g["duration"].fillna(0)
             how_long = (f" for {_seconds(float(held.max()))}" if held.notna().any() else "")
             until = first["released_by"] if pd.notna(first["released_by"]) else "the end of the run"
@@ -105,8 +156,6 @@ def _retain(tables: dict) -> list[dict]:
                    f"{until}.{peak} Remove retain_graph=True: a loss computed by a new forward has its own graph.")
             rows.append({"kind": "retain_graph_unneeded", "severity": "warning", "message": msg, "site": where,
                          "nbytes": nbytes, "step": int(first["step"]), "params": []})
-        elif (g["api"] == "autograd.grad").all():
-            continue  # torch.autograd.grad then backward through the same graph: no sum of losses replaces it
         else:
             later = int(first["reused_by"])
             other = bw.loc[bw["backward"] == later, "site"]
@@ -115,13 +164,42 @@ def _retain(tables: dict) -> list[dict]:
             peak = (f"; the peak of saved tensors would be {human(saving)} lower" if pd.notna(saving) and saving > 0
                     else "; the overall peak of saved tensors stays the same (the forward that built the graph "
                          "is the peak), but the graph is walked once instead of twice")
-            msg = (f"{where}: {calls} kept the graph with retain_graph=True for backward {later}{at}, which went "
-                   f"through the same graph ({human(nbytes)} held in between). Two losses from one forward: "
+            msg = (f"{where}: {calls} kept the graph with retain_graph=True for backward {later}{at}, right after "
+                   f"it and through the same graph ({human(nbytes)} held in between), with no optimizer step, "
+                   f"zero_grad or other backward in between. Two losses from one forward: "
                    f"`(loss1 + loss2).backward()` gives the same gradients in one pass and frees the graph at once"
                    f"{peak}.")
-            rows.append({"kind": "retain_graph_unneeded", "severity": "info", "message": msg, "site": where,
+            rows.append({"kind": "retain_graph_avoidable", "severity": "info", "message": msg, "site": where,
                          "nbytes": nbytes, "step": int(first["step"]), "params": []})
     return rows
+
+
+def _growth(dn, db, steps: int) -> str:
+    """', growing by about 12 nodes and 1.5 KiB per step'; a growth under one unit per step is given over the
+    whole span ('3 nodes over 10 steps'), never as 'about 0 nodes per step'."""
+    grow = []
+    if pd.notna(dn) and dn > 0:
+        grow.append(f"about {round(dn / steps):,} nodes per step" if dn / steps >= 1 else
+                    f"{int(dn):,} node{'s' if dn != 1 else ''} over {steps} steps")
+    if pd.notna(db) and db > 0:
+        grow.append(f"about {human(round(db / steps))} per step" if db / steps >= 1 else
+                    f"{human(int(db))} over {steps} steps")
+    return f", growing by {' and '.join(grow)}" if grow else ", not growing"
+
+
+def _sampled(tables: dict) -> str:
+    """' (seen in 3 sampled steps of 60: saved tensors are recorded only on ...)' when the schedule sampled,
+    else ''."""
+    st = tables.get("steps")
+    if st is None or st.empty or "detail" not in st:
+        return ""
+    st = st[~st["amp_skipped"].astype(bool)] if "amp_skipped" in st else st
+    total = int(st["step"].nunique())
+    detail = int(st.loc[st["detail"].astype(bool), "step"].nunique())
+    if total == 0 or detail >= total:
+        return ""
+    return (f" (seen in {detail} sampled step{'s' if detail != 1 else ''} of {total}: saved tensors are "
+            "recorded only on the steps the schedule captures in full)")
 
 
 def _leak(tables: dict) -> list[dict]:
@@ -139,15 +217,9 @@ def _leak(tables: dict) -> list[dict]:
         if cause not in ("accumulation", "carried") and not growing:
             continue  # one graph kept by a variable that is not reassigned: not a leak
         nodes, nbytes = int(last["leaked_nodes"]), int(last["leaked_bytes"])
-        span = int(g["step"].iloc[-1] - g["step"].iloc[0])
-        if span > 0:
-            dn = (last["leaked_nodes"] - g["leaked_nodes"].iloc[0]) / span
-            db = (last["leaked_bytes"] - g["leaked_bytes"].iloc[0]) / span
-            grow = [f"{dn:.0f} nodes"] if dn > 0 else []
-            grow += [human(round(db))] if db > 0 else []
-            growth = f", growing by about {' and '.join(grow)} per step" if grow else ", not growing"
-        else:
-            growth = ""
+        steps = int(g["step"].iloc[-1] - g["step"].iloc[0])
+        growth = _growth(last["leaked_nodes"] - g["leaked_nodes"].iloc[0],
+                         last["leaked_bytes"] - g["leaked_bytes"].iloc[0], steps) if steps > 0 else ""
         since = str(last["note"]).split(";")[0] if pd.notna(last["note"]) else "?"
         kept = (f"{int(last['leaked_graphs'])} graph(s) of earlier steps ({since}) were still alive at "
                 f"the end of step {int(last['step'])}: at least {nodes} autograd nodes and {human(nbytes)} of "
@@ -182,18 +254,79 @@ def _leak(tables: dict) -> list[dict]:
     return rows
 
 
-def _unused(tables: dict) -> list[dict]:
+def unused_graphs(tables: dict) -> pd.DataFrame:
+    """One row per graph (forward) that no backward used and that is released, indexed by graph id:
+    site, step, act (what no_grad would have saved), modules and params (what its saved tensors came from)."""
     saved = tables.get("saved")
     if saved is None or saved.empty or "graph" not in saved:
-        return []
+        return pd.DataFrame(columns=["site", "step", "act", "modules", "params"])
     cols = pd.DataFrame({
         "graph": saved["graph"], "site": saved["site"], "step": saved["step"],
         "used": saved["backward"].notna(), "released": saved["freed_by"] != "alive",
         # what no_grad would save: storages that exist only because of the graph (never parameters/buffers)
-        "act": saved["nbytes"].where(saved["kind"].isin(("activation", "cast")), 0)})
+        "act": saved["nbytes"].where(saved["kind"].isin(("activation", "cast")), 0),
+        "module": _col(saved, "module"), "param": _col(saved, "param")})
     per = cols.groupby("graph", sort=False).agg(site=("site", "first"), step=("step", "min"), used=("used", "any"),
                                                 released=("released", "all"), act=("act", "sum"))
     per = per[~per["used"] & per["released"] & (per["act"] > 0)]
+    if per.empty:
+        return per.assign(modules=pd.Series(dtype=object), params=pd.Series(dtype=object))
+    mine = cols[cols["graph"].isin(per.index)]
+    mods = {gid: set(v.dropna()) for gid, v in mine.groupby("graph", sort=False)["module"]}
+    pars = {gid: set(v.dropna()) for gid, v in mine.groupby("graph", sort=False)["param"]}
+    per["modules"] = pd.Series([mods.get(gid, set()) for gid in per.index], index=per.index, dtype=object)
+    per["params"] = pd.Series([pars.get(gid, set()) for gid in per.index], index=per.index, dtype=object)
+    return per
+
+
+def _module_of(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def cut_unused_graphs(tables: dict) -> dict:
+    """(cut kind, cut site) -> the unused graphs (rows of unused_graphs) that an effective cut left unused:
+    graphs of the cut's steps whose saved tensors came from the parameters it left without any gradient.
+    A deliberate cut (those parameters got gradients from another backward, as in a GAN) is left out: its
+    unused graph is plain waste that torch.no_grad() would save."""
+    cuts, params = tables.get("cuts"), tables.get("params")
+    if cuts is None or cuts.empty or params is None or params.empty or "upstream" not in cuts:
+        return {}
+    per = unused_graphs(tables)
+    if per.empty:
+        return {}
+    got = set(params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"].unique())
+    none = set(params.loc[params["status"] == "none", "param"].unique())
+    eff = cuts[cuts["effective"].astype(bool) & (cuts["kind"] != "reentrant_checkpoint")]
+    out = {}
+    for key, g in eff.groupby(["kind", "site"], dropna=False, sort=False):
+        cut_off = {p for ups in g["upstream"] for p in ups if p in none}
+        if not cut_off or cut_off <= got:
+            continue
+        mods = {_module_of(p) for p in cut_off}
+        near = pd.Series([bool(ps & cut_off) or bool(ms & mods) for ps, ms in zip(per["params"], per["modules"])],
+                         index=per.index, dtype=bool)
+        hit = per[per["step"].isin(set(g["step"])) & near]
+        if len(hit):
+            out[key] = hit
+    return out
+
+
+def cut_unused_text(hit: pd.DataFrame) -> str:
+    """What a cut's finding says about the forward graphs it left unused."""
+    n, each = len(hit), int(hit["act"].max())
+    sites = ", ".join(dict.fromkeys(hit["site"].dropna().astype(str)))
+    built = f"{n} graphs" if n > 1 else "a graph"
+    total = f", {human(int(hit['act'].sum()))} over all {n}" if n > 1 else ""
+    return (f" Because of this cut, the forward at {sites} built {built} that no backward used ({human(each)} "
+            f"of activations each{total}); that is a consequence of the cut, not a reason to wrap the forward "
+            "in torch.no_grad() (that would keep these parameters from ever training).")
+
+
+def _unused(tables: dict) -> list[dict]:
+    per = unused_graphs(tables)
+    told = [gid for hit in cut_unused_graphs(tables).values() for gid in hit.index]
+    if told:
+        per = per[~per.index.isin(told)]  # told by the cut that left them unused: no no_grad advice
     rows = []
     for where, g in per.groupby(per["site"].astype(object).fillna("?"), sort=False):
         n = len(g)
@@ -201,9 +334,9 @@ def _unused(tables: dict) -> list[dict]:
         times = f"{n} graphs" if n > 1 else "a graph"
         total = f" ({human(int(g['act'].sum()))} over all {n})" if n > 1 else ""
         msg = (f"The forward at {where} built {times} that no backward used (validation, metrics or logging "
-               f"outside torch.no_grad()?), in {span(g['step'], 'step')}: each saved up to {human(each)} of activations "
-               f"for nothing{total}. Wrap it in `with torch.no_grad():` (or `torch.inference_mode()`) to save "
-               "that memory and time.")
+               f"outside torch.no_grad()?), in {span(g['step'], 'step')}{_sampled(tables)}: each saved "
+               f"up to {human(each)} of activations for nothing{total}. Wrap it in `with torch.no_grad():` (or "
+               "`torch.inference_mode()`) to save that memory and time.")
         rows.append({"kind": "unused_graph", "severity": "warning", "message": msg, "site": where,
                      "nbytes": each, "step": int(g["step"].min()), "params": []})
     return rows

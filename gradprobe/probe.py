@@ -50,9 +50,9 @@ class Probe(Capture, RunView):
 
     def __repr__(self) -> str:
         state = "active" if self.depth else "inactive"
-        return (f"<gradprobe.Probe {state}: {len(self.targets.tracked)} tensors tracked, "
-                f"{self.step_idx} steps, {self.n_backward} backwards; track={list(self.track)}, "
-                f"schedule: {self.schedule.describe()}>")
+        n = self.n_backward
+        return (f"<gradprobe.Probe {state}: {self.meta.get('model', '?')}; {n} backward{'' if n == 1 else 's'}"
+                f"{f', at step {self.step_idx}' if n else ''}; track={list(self.track)}>")
 
     # --- public -------------------------------------------------------------
     def watch(self, tensor: torch.Tensor, name: str) -> torch.Tensor:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime
 import html
+import itertools
+import re
 
 import pandas as pd
 
 from .figures import make_figures
-from .summary import summarize
-from .text import human_bytes, is_missing
+from .summary import memory_headline, memory_lines, not_recorded, summarize
+from .text import human_bytes, is_missing, plural, site_label, source_line
 from .finding import sort_findings
 from .runfile import write_atomic, writable_path
 from .schema import TABLES
@@ -49,7 +51,7 @@ th{background:#f6f6f6;position:sticky;top:0}
 td.num{text-align:right;white-space:nowrap}
 .sev{font-weight:600;border-radius:3px;padding:1px 6px;color:#fff;font-size:12px}
 .sev-error{background:#d62828}.sev-warning{background:#e09f3e}.sev-info{background:#457b9d}
-code{background:#f3f3f3;padding:0 3px;border-radius:3px}
+code{background:#f3f3f3;padding:0 3px;border-radius:3px} code.src{background:none;color:#555;font-size:12px}
 pre{background:#f7f7f7;padding:12px;overflow-x:auto;font-size:13px;white-space:pre-wrap}
 .figure{margin:18px 0 30px}.caption{color:#555;margin:2px 0 4px;max-width:1000px}
 .note{color:#666;font-size:13px} details{margin:8px 0} summary{cursor:pointer;font-weight:600}
@@ -61,9 +63,31 @@ def _esc(v) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def findings_html(findings: pd.DataFrame) -> str:
-    """The findings as an HTML table, most severe first; an explicit line when there are none."""
+_TICKS = re.compile(r"`([^`\n]+)`")
+
+
+def message_html(text) -> str:
+    """A finding's message as HTML: escaped, with `code` in backticks rendered as <code>."""
+    return _TICKS.sub(lambda m: f"<code>{m.group(1)}</code>", _esc(text))
+
+
+def site_html(site) -> str:
+    """`FILE:LINE` and, below it, the source line itself when linecache has it."""
+    if is_missing(site):
+        return ""
+    out = f"<code>{_esc(site_label(site))}</code>"
+    src = source_line(site)
+    if src:
+        out += f'<br><code class="src">{_esc(src if len(src) <= 120 else src[:117] + "...")}</code>'
+    return out
+
+
+def findings_html(findings: pd.DataFrame, empty_reason: list[str] | None = None) -> str:
+    """The findings as an HTML table, most severe first; when there are none, why."""
     if findings is None or findings.empty:
+        if empty_reason:
+            return ('<p class="note">No findings could be made: '
+                    + " ".join(_esc(r) for r in empty_reason) + "</p>")
         return '<p class="note">No findings: nothing in this run looked wrong.</p>'
     rows = []
     for f in sort_findings(findings).to_dict("records"):
@@ -71,16 +95,24 @@ def findings_html(findings: pd.DataFrame) -> str:
         params = f.get("params")
         params = list(params) if isinstance(params, (list, tuple)) else []
         shown = ", ".join(params[:10]) + (f" and {len(params) - 10} more" if len(params) > 10 else "")
-        site = f.get("site")
         rows.append(
             f'<tr><td><span class="sev sev-{_esc(sev)}">{_esc(sev)}</span></td><td>{_esc(f.get("kind"))}</td>'
-            f'<td>{_esc(f.get("message"))}'
+            f'<td>{message_html(f.get("message"))}'
             + (f'<br><span class="note">parameters: {_esc(shown)}</span>' if shown else "")
-            + f'</td><td>{"" if is_missing(site) else "<code>" + _esc(site) + "</code>"}</td>'
+            + f'</td><td>{site_html(f.get("site"))}</td>'
             f'<td class="num">{_esc(human_bytes(f.get("nbytes")))}</td>'
             f'<td class="num">{"" if is_missing(f.get("step")) else int(f["step"])}</td></tr>')
     head = "<tr><th>severity</th><th>kind</th><th>message</th><th>site</th><th>bytes</th><th>step</th></tr>"
     return f'<table class="findings">{head}{"".join(rows)}</table>'
+
+
+def headline_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
+    """What was not recorded (and why), then the memory headline: the summary's own lines."""
+    parts = [f'<p class="note missing">{_esc(r)}</p>' for r in not_recorded(tables, meta)]
+    mem = memory_lines(memory_headline(tables))
+    if mem:
+        parts.append(f'<pre class="memory-headline">{_esc(chr(10).join(mem))}</pre>')
+    return "".join(parts)
 
 
 def _meta_line(meta: dict) -> str:
@@ -96,19 +128,46 @@ def table_html(name: str, df: pd.DataFrame) -> str:
         note = (f"{n:,} rows, showing the first {ROWS_EACH_END} and last {ROWS_EACH_END}; "
                 "the full table is in run.to_pandas() or probe.save().")
     else:
-        shown, note = df, f"{n:,} rows"
+        shown, note = df, plural(n, "row")
     body = shown.to_html(index=False, na_rep="–", border=0, escape=True, classes="data",
                          float_format=lambda v: f"{v:.4g}") if n else ""
-    return (f'<details id="table-{_esc(name)}"><summary>{_esc(name)} — {n:,} rows</summary>'
+    return (f'<details id="table-{_esc(name)}"><summary>{_esc(name)} — {_esc(plural(n, "row"))}</summary>'
             f'<p class="note">{_esc(note)}</p><div class="table-wrap">{body}</div></details>')
 
 
+_SCOPE_IDS = itertools.count(1)
+
+
+def scoped_css(css: str, scope: str) -> str:
+    """Every rule of `css` limited to the element with class `scope` and its descendants.
+
+    `body` becomes the root itself; every other selector is prefixed, so nothing outside the
+    fragment (a Jupyter notebook's own h1, table, pre...) is restyled.
+    """
+    out = []
+    for sel, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css):
+        parts = []
+        for one in sel.split(","):
+            one = one.strip()
+            if not one:
+                continue
+            parts.append(f".{scope}" if one == "body" else f".{scope} {one}")
+        out.append(",".join(parts) + "{" + body + "}")
+    return "\n".join(out)
+
+
 def summary_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
-    """Summary and findings as an HTML fragment (Jupyter's _repr_html_), without plotly."""
-    n = len(tables.get("findings", [])) if tables.get("findings") is not None else 0
-    return (f'<div class="gradprobe"><style>{CSS.replace("body{", ".gradprobe{")}</style>'
+    """Summary and findings as an HTML fragment (Jupyter's _repr_html_), without plotly.
+
+    Its style applies only to its own root element (a class unique to this fragment).
+    """
+    scope = f"gradprobe-{next(_SCOPE_IDS)}-{id(tables) & 0xFFFFFF:x}"
+    findings = tables.get("findings")
+    n = 0 if findings is None else len(findings)
+    reason = not_recorded(tables, meta) if tables.get("backward") is None or tables["backward"].empty else None
+    return (f'<div class="gradprobe {scope}"><style>{scoped_css(CSS, scope)}</style>'
             f'<h3>gradprobe</h3><p class="meta">{_meta_line(meta)}</p>'
-            f"<h4>Findings ({n})</h4>{findings_html(tables.get('findings'))}"
+            f"<h4>Findings ({n})</h4>{findings_html(findings, reason)}"
             f"<h4>Summary</h4><pre>{_esc(summarize(tables, meta))}</pre></div>")
 
 
@@ -128,6 +187,8 @@ def build_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
     tables_html = "".join(table_html(k, tables[k]) for k in names if k in tables)
     findings = tables.get("findings")
     n = 0 if findings is None else len(findings)
+    backward = tables.get("backward")
+    reason = not_recorded(tables, meta) if backward is None or backward.empty else None
     created = datetime.datetime.now().isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -141,7 +202,8 @@ def build_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
 <p class="meta">{_meta_line(meta)}</p>
 <p class="meta">report written {created}</p>
 <nav><a href="#findings">findings ({n})</a><a href="#summary">summary</a><a href="#figures">figures</a><a href="#tables">tables</a></nav>
-<section id="findings"><h2>Findings ({n})</h2>{findings_html(findings)}</section>
+<section id="findings"><h2>Findings ({n})</h2>{findings_html(findings, reason)}</section>
+<section id="headline">{headline_html(tables, meta)}</section>
 <section id="summary"><h2>Summary</h2><pre>{_esc(summarize(tables, meta))}</pre></section>
 <section id="figures"><h2>Figures</h2>{"".join(parts)}</section>
 <section id="tables"><h2>Tables</h2>{tables_html}</section>

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .run import RunView
+from .run import RunView  # noqa: F401 (Run subclasses it)
 from .schema import LIST, TABLES, empty
 
 FORMAT = "gradprobe-run"
@@ -78,8 +78,12 @@ class Run(RunView):
         return out
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{k}={len(v)}" for k, v in self._tables.items())
-        return f"<gradprobe.Run {self.path or ''} ({sizes})>"
+        from .run import describe
+        return f"<gradprobe.Run {self.path or '(not saved)'}: {describe(self._tables, self.meta)}>"
+
+    def __str__(self) -> str:
+        from .run import describe
+        return f"gradprobe run {self.path or '(not saved)'}: {describe(self._tables, self.meta)}"
 
 
 def _to_parquet(name: str, df: pd.DataFrame) -> bytes:

@@ -79,6 +79,9 @@ TABLES: dict[str, dict[str, str]] = {
         "retain_saving_bytes": NINT,  # how much lower the saved-bytes peak would have been while the graph
         # was retained, had this backward released it
         "retain_peak_saving_bytes": NINT,  # the same for the peak of the whole recording
+        "opt_steps": NINT,  # optimizer steps (GradScaler skips included) taken before this backward began
+        "grads_changed": BOOL,  # after a retain_graph=True backward: the gradients were zeroed, set to
+        # None or changed in place (zero_grad, clipping) before this backward began; False otherwise
     },
     "memory": {
         "t": FLOAT, "step": INT, "event": STR, "live_saved_bytes": INT,
@@ -110,6 +113,12 @@ TABLES: dict[str, dict[str, str]] = {
         "kind": STR, "severity": STR, "message": STR, "site": STR, "nbytes": NINT,
         "step": NINT,
         "params": LIST,  # parameters the finding is about
+    },
+    "numerics": {  # first non-finite value, found by re-capturing the step after a non-finite gradient
+        "step": INT, "phase": STR,  # forward | backward
+        "module": STR, "type": STR, "op": STR, "site": STR,  # type: the module's class name
+        "what": STR,  # nan | inf
+        "inputs": STR,  # finite | nonfinite: whether the op's inputs were already NaN/Inf
     },
 }
 

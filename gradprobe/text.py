@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import linecache
+import os
+import re
+
 import pandas as pd
 
 
@@ -38,3 +42,72 @@ def span(values, noun: str) -> str:
     if len(v) <= 4:
         return f"{noun}s " + ", ".join(map(str, v))
     return f"{len(v)} {noun}s ({v[0]}..{v[-1]})"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """1 -> '1 row'; 2 -> '2 rows' (numbers with thousands separators)."""
+    n = int(n)
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {many or word + 's'}"
+
+
+_CELL = re.compile(r"(?:^|/)ipykernel_\d+/(\d+)\.py$")
+
+
+def split_site(site) -> tuple[str, int] | None:
+    """'path/to/file.py:42' -> ('path/to/file.py', 42); None when it is no FILE:LINE."""
+    if not isinstance(site, str):
+        return None
+    path, sep, line = site.strip().rpartition(":")
+    if not sep or not path or not line.isdigit():
+        return None
+    return path, int(line)
+
+
+def _cell_number(path: str) -> int | None:
+    """The execution count of a notebook cell from IPython's own map, when a kernel is running."""
+    try:
+        from IPython import get_ipython  # noqa: PLC0415 - optional, only inside notebooks
+        ip = get_ipython()
+        fmap = getattr(getattr(ip, "compile", None), "_filename_map", None) or {}
+        n = fmap.get(path)
+        return int(n) if n is not None else None
+    except Exception:
+        return None
+
+
+def site_label(site) -> str:
+    """A site as a user recognises it: notebook cells (/tmp/ipykernel_1/23.py:4) as 'cell N, line 4'."""
+    if is_missing(site):
+        return ""
+    parts = split_site(site)
+    if parts is None or not _CELL.search(parts[0]):
+        return str(site)
+    n = _cell_number(parts[0])
+    return f"{'cell ' + str(n) if n is not None else 'notebook cell'}, line {parts[1]}"
+
+
+def source_line(site) -> str | None:
+    """The source text at a FILE:LINE site (stripped), when linecache has it; None otherwise."""
+    parts = split_site(site)
+    if parts is None:
+        return None
+    path, line = parts
+    try:
+        text = linecache.getline(path, line)
+        if not text and not os.path.isabs(path):
+            text = linecache.getline(os.path.abspath(path), line)
+    except Exception:
+        return None
+    text = text.strip()
+    return text or None
+
+
+def with_source(site, width: int = 100) -> str:
+    """'train.py:12: loss = crit(out.detach(), y)'; the bare site when the source is not available."""
+    label = site_label(site)
+    src = source_line(site)
+    if not src:
+        return label
+    if len(src) > width:
+        src = src[: width - 3] + "..."
+    return f"{label}: {src}"

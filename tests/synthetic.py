@@ -136,6 +136,8 @@ def small_run() -> tuple[dict[str, pd.DataFrame], dict]:
         "weights": frame("weights", [dict(step=2, param="G.fc2.weight", status="nonfinite")]),
         "limits": frame("limits", [dict(step=1, what="thread", site="thread worker", note="ran in another thread",
                                         count=3)]),
+        "numerics": frame("numerics", [dict(step=3, phase="forward", module="G.fc2", type="Linear", op="linear",
+                                            site="train.py:42", what="nan", inputs="finite")]),
         "findings": frame("findings", FINDINGS),
     }
     meta = {"torch": "2.13.0", "device": "cpu", "model": "GAN(G, D)", "steps": N_STEPS,
@@ -208,6 +210,7 @@ def big_run(n_steps: int = 10_000, n_params: int = 200) -> tuple[dict[str, pd.Da
         "steps": frame("steps", {"step": steps, "detail": steps % 10 == 0, "amp_skipped": np.zeros(n_steps, bool)}),
         "weights": frame("weights", []),
         "limits": frame("limits", []),
+        "numerics": frame("numerics", []),
         "findings": frame("findings", FINDINGS[:1] + FINDINGS[4:5]),
     }
     return tables, {"torch": "2.13.0", "device": "cpu", "model": "MLP(100 layers)"}

@@ -87,8 +87,8 @@ def test_cut_module_is_the_forward_that_ran_it():
         model(torch.randn(2, 6)).sum().backward()
     cut = probe.to_pandas()["cuts"].iloc[0]
     assert cut["site"] == site_of("CUT-IN-FORWARD") and cut["module"] == ""
-    f = [f for f in probe.findings if f.kind == "detach_cut"][0]
-    assert f.severity == "warning" and "(in Cutter.forward)" in f.message
+    (f,) = [f for f in probe.findings if f.site == site_of("CUT-IN-FORWARD")]  # one finding per root cause
+    assert f.kind == "no_gradient" and f.severity == "error" and "(in Cutter.forward)" in f.message
 
 
 def test_loss_that_cannot_backward_gets_an_error_naming_the_cut_and_torch_raises_unchanged():

@@ -237,8 +237,9 @@ def test_retain_graph_reused_is_info_with_alternative():
     assert bw.loc[0, "saved_bytes"] == 236 and bw.loc[1, "saved_bytes"] == 236 + 48
     assert bw.loc[0, "retain_peak_saving_bytes"] == 0
     assert bw.loc[0, "released_by"] == "backward 1"
-    (f,) = findings(probe, "retain_graph_unneeded")
+    (f,) = findings(probe, "retain_graph_avoidable")
     assert f.severity == "info"
+    assert not findings(probe, "retain_graph_unneeded")
     assert f.site == site_of("RETAIN-REUSED")
     assert "(loss1 + loss2).backward()" in f.message
 
@@ -479,7 +480,7 @@ def test_demos_name_kind_and_line(name, capsys):
     probe = mod.main()
     if name == "retain_graph":
         unneeded = [f for f in findings(probe, "retain_graph_unneeded") if f.severity == "warning"]
-        reused = [f for f in findings(probe, "retain_graph_unneeded") if f.severity == "info"]
+        reused = [f for f in findings(probe, "retain_graph_avoidable") if f.severity == "info"]
         assert len(unneeded) == 1 and unneeded[0].site == demo_site(name, "loss1.backward(retain_graph=True)", 1)
         assert len(reused) == 1 and reused[0].site == demo_site(name, "loss1.backward(retain_graph=True)", 2)
         # 64x1000 input, 64x500 and 64x100 relu results, W2.t() 100x500, W3.t() 10x100, cross_entropy's

@@ -27,6 +27,7 @@ from .flow import Flow
 from .handles import MemoryHandle, Patch
 from .instruments import Instruments
 from .modules import ModuleStack
+from .numerics import Numerics
 from .rows import backward_rows
 from .schedule import Schedule
 from .sites import warnings_at_user_line
@@ -75,6 +76,7 @@ class Capture:
             self.mode = ProbeMode(self, cuts="cuts" in track)
         self.detail = self.schedule.detail(0)  # `clock` exists from here on: see detail_of
         self.instruments = Instruments(self)  # detail-step hooks and mode, on or off with the schedule
+        self.numerics = Numerics(self)  # where the first NaN/Inf came from (armed after a non-finite gradient)
         self.busy = 0  # >0: inside a backward or the probe's own work
         self.n_backward = 0
         self.thread = None
@@ -84,6 +86,11 @@ class Capture:
         self.bad_weights: dict = {}  # parameter name -> first step an optimizer step left it non-finite
         self.threads: set = set()
         self._cache = (None, None)
+        # what happened between two backwards (retain_graph verdicts): optimizer steps so far, and the
+        # tracked gradients' identity/version after a retain_graph=True backward (zero_grad, clipping...)
+        self.opt_steps = 0
+        self._grad_sig = None
+        self._between: dict = {}  # id(BackwardCall) -> (opt_steps, grads_changed) taken when it began
 
     @property
     def step_idx(self) -> int:
@@ -109,6 +116,7 @@ class Capture:
         if self.memory is not None:
             stack.add(MemoryHandle(self.memory))
         stack.add(self.instruments)
+        stack.add(self.numerics)  # after the instruments: its mode leaves the stack first
         watch_compile(self, stack)
         self.instruments.arm(self.clock.step)
 
@@ -140,16 +148,20 @@ class Capture:
     def graph_activity(self) -> None:
         """A graph is being built (forward): applies a pending step boundary."""
         self.clock.touch()
+        if self.numerics.armed is not None or self.numerics.mode is not None:
+            self.numerics.graph_activity()
 
     def record_cut(self, kind, op, where, upstream, module=...):
         return self.cutlog.record(self.clock.step, kind, op, where,
                                   self.current_module() if module is ... else module, upstream)
 
     def _optimizer_pre(self, opt, args, kwargs) -> None:
+        self.numerics.try_off()
         self.instruments.try_off()
         self.instruments.mode_aside()  # optimizer internals make no user graph; an LBFGS closure's forward brings it back
 
     def _optimizer_post(self, opt, args, kwargs) -> None:
+        self.opt_steps += 1
         self.instruments.try_off()
         self.instruments.resume_mode()
         self.clock.optimizer_stepped(id(opt))
@@ -170,6 +182,7 @@ class Capture:
                 self.store.version += 1
 
     def scaler_skipped(self, opt, scale) -> None:
+        self.opt_steps += 1  # an iteration boundary all the same
         self.store.add("steps", step=self.clock.step, detail=self.detail, amp_skipped=True, grad_scale=scale)
         self.clock.optimizer_stepped(id(opt))
 
@@ -191,6 +204,7 @@ class Capture:
         self.sigs, self.sigs_now = self.sigs_now, []
         self.detail = self.detail_of(step + 1)
         self.instruments.arm(step + 1)
+        self.numerics.step_begins(step + 1)
 
     def _merge(self, to: int) -> None:
         for cols in self.store.cols.values():
@@ -207,6 +221,7 @@ class Capture:
 
     # --- backward ------------------------------------------------------------------
     def _backward_begins(self, bw, roots) -> None:
+        self.numerics.forward_done()
         self.instruments.try_off()
         tid = threading.get_ident()
         if tid != self.thread and tid not in self.threads:
@@ -219,6 +234,10 @@ class Capture:
                 self.flow.refresh()
             self.clock.backward_begins(newest_seq(roots))
             bw.index, bw.step, bw.detail = self.n_backward, self.clock.step, self.detail
+            changed = None
+            if self._grad_sig is not None:  # the previous backward retained its graph
+                changed, self._grad_sig = self._grads_signature() != self._grad_sig, None
+            self._between[id(bw)] = (self.opt_steps, changed)
             self.n_backward += 1
             if self.mode is not None:
                 bw.root_tags = self.mode.tags_of(roots)
@@ -247,14 +266,17 @@ class Capture:
                     stats, outs = self.flow.measure(bw, self.amp.scale_tensor())
                 counts = backward_rows(self, bw, stats, outs)
             root_cut = self.cutlog.cuts[min(bw.root_tags)] if bw.root_tags else None
+            opt_steps, grads_changed = self._between.pop(id(bw), (None, None))
             self.store.add("backward", step=bw.step, backward=bw.index, site=bw.site,
                            retain_graph=bw.retain_graph, create_graph=bw.create_graph, api=bw.api,
                            t=bw.t, duration=bw.duration, error=bw.error, detail=bw.detail,
                            cut_kind=root_cut.kind if root_cut else None,
                            cut_site=root_cut.describe() if root_cut else None,
+                           opt_steps=opt_steps, grads_changed=grads_changed,
                            **{f"params_{k}": v for k, v in counts.items()})
             if self.memory is not None:
                 self.memory.end_backward(bw)
+            self._grad_sig = self._grads_signature() if bw.retain_graph and not bw.error else None
             if counts.get("nonfinite"):
                 self._check_weights()
             self._watch_changes(bw, counts)
@@ -262,6 +284,17 @@ class Capture:
             self.busy -= 1
         self.clock.backward_ends(torch._C._autograd._get_sequence_nr())
         self.instruments.backward_ended()
+
+    def _grads_signature(self) -> tuple:
+        """Identity and version of every tracked `.grad`: differs when something between two backwards
+        set them to None, zeroed them (zero_grad) or changed them in place (clipping). Taken only around
+        retain_graph=True backwards."""
+        sig = []
+        for t in self.targets.tracked:
+            p = t.ref()
+            g = None if p is None else p.grad
+            sig.append(None if g is None else (id(g), getattr(g, "_version", None)))
+        return tuple(sig)
 
     def _watch_changes(self, bw, counts) -> None:
         """Trigger a full capture of the next step when arrival changed or a non-finite value appeared."""
@@ -271,6 +304,8 @@ class Capture:
         changed = pos < len(self.sigs) and self.sigs[pos] != sig
         if changed or counts.get("nonfinite"):
             self.schedule.trigger(self.clock.step + 1)
+        if counts.get("nonfinite"):
+            self.numerics.nonfinite_seen(bw.step)
 
     # --- tables ------------------------------------------------------------------
     def version(self):
