@@ -7,6 +7,7 @@ Every message names the line, the bytes (also human readable) and what to do.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import pandas as pd
 
@@ -260,6 +261,27 @@ def unused_graphs(tables: dict) -> pd.DataFrame:
     saved = tables.get("saved")
     if saved is None or saved.empty or "graph" not in saved:
         return pd.DataFrame(columns=["site", "step", "act", "modules", "params"])
+    global _last
+    if _last is not None and _last[0]() is saved and _last[1] == len(saved):  # one diagnosis's rules share it
+        return _last[2].copy()
+    per = _unused_graphs(saved)
+    _last = (weakref.ref(saved), len(saved), per)
+    return per.copy()
+
+
+_last = None
+
+
+def _sets(rows: pd.DataFrame, col: str) -> dict:
+    """graph id -> set of the column's distinct values (one pass over the distinct pairs)."""
+    pairs = rows[["graph", col]].dropna().drop_duplicates()
+    out: dict = {}
+    for gid, v in zip(pairs["graph"].tolist(), pairs[col].tolist()):
+        out.setdefault(gid, set()).add(v)
+    return out
+
+
+def _unused_graphs(saved: pd.DataFrame) -> pd.DataFrame:
     cols = pd.DataFrame({
         "graph": saved["graph"], "site": saved["site"], "step": saved["step"],
         "used": saved["backward"].notna(), "released": saved["freed_by"] != "alive",
@@ -272,8 +294,7 @@ def unused_graphs(tables: dict) -> pd.DataFrame:
     if per.empty:
         return per.assign(modules=pd.Series(dtype=object), params=pd.Series(dtype=object))
     mine = cols[cols["graph"].isin(per.index)]
-    mods = {gid: set(v.dropna()) for gid, v in mine.groupby("graph", sort=False)["module"]}
-    pars = {gid: set(v.dropna()) for gid, v in mine.groupby("graph", sort=False)["param"]}
+    mods, pars = _sets(mine, "module"), _sets(mine, "param")
     per["modules"] = pd.Series([mods.get(gid, set()) for gid in per.index], index=per.index, dtype=object)
     per["params"] = pd.Series([pars.get(gid, set()) for gid in per.index], index=per.index, dtype=object)
     return per
