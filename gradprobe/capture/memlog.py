@@ -14,8 +14,7 @@ from array import array
 from collections import deque
 
 CAP = 200_000  # saved-tensor rows kept per run (about 150 bytes each)
-FREED = ("alive", "backward", "retained", "graph_dropped")
-ALIVE, BACKWARD, RETAINED, DROPPED = range(4)
+ALIVE, BACKWARD, RETAINED, DROPPED = range(4)  # `freed` codes (named in gradprobe.memtables.FREED)
 
 
 class Graph:
@@ -33,8 +32,6 @@ class Graph:
 
 
 class SavedLog:
-    ROWS = ("step", "storage", "nbytes", "view", "graph", "version", "first_bw", "last_bw", "freed")
-
     def __init__(self) -> None:
         # rows: one per saved tensor
         self.step, self.storage, self.nbytes, self.view, self.graph = (array("q") for _ in range(5))

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..procmem import rss
+from ..procmem import rss as _procmem_rss
 from .leaks import carried_in, leak_row
 from .memlog import BACKWARD, DROPPED, RETAINED, SavedLog
 from .memops import Inplace, after_op, inplace_write
@@ -180,9 +180,6 @@ class MemoryCollector:
             lg.op[i] = op
         return i
 
-    def use(self, i: int, bw) -> None:
-        self.log.use(i, bw.index)
-
     def node_ran(self, rows) -> None:
         bw, _ = self.in_backward()
         if bw is None or not rows:
@@ -200,12 +197,12 @@ class MemoryCollector:
             self.released(sentinel.rows)
         lg.node_died(sentinel.graph)
 
-    def released(self, rows, in_backward=None) -> None:
+    def released(self, rows) -> None:
         """The graph let go of these rows without a watched backward releasing them."""
         lg = self.log
         now = time.perf_counter() - self.probe.t0
         for i in rows:
-            how = BACKWARD if in_backward else RETAINED if lg.first_bw[i] >= 0 else DROPPED
+            how = RETAINED if lg.first_bw[i] >= 0 else DROPPED
             lg.release(i, how, now, self.probe.step_idx)
         self.probe.store.version += 1
 
@@ -296,7 +293,7 @@ class MemoryCollector:
     def _event(self, event, site=None, backward=None, note=None, rss=False, **extra) -> None:
         p = self.probe
         row = {"t": time.perf_counter() - p.t0, "step": p.step_idx, "event": event, "site": site,
-               "backward": backward, "note": note, "rss_bytes": _rss() if rss else None, **extra}
+               "backward": backward, "note": note, "rss_bytes": _procmem_rss() if rss else None, **extra}
         if self.cuda and torch.cuda.is_available():
             try:
                 row["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
@@ -315,8 +312,5 @@ class MemoryCollector:
         except Exception as e:  # never break reading the other tables
             log.warning(f"gradprobe: could not build the memory tables: {e!r}")
 
-
-def _rss():
-    return rss()
 
 

@@ -21,34 +21,13 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .mode import _outputs as _outs, _tensors as _args
 from .sites import site
 
 log = logging.getLogger("gradprobe")
 
 MAX_CAPTURES = 3
 _KEY = "gradprobe_numerics"  # node.metadata key: marks a node as hooked by this capture
-
-
-def _outs(out):
-    if isinstance(out, Tensor):
-        return (out,)
-    if isinstance(out, (tuple, list)):
-        return tuple(o for o in out if isinstance(o, Tensor))
-    return ()
-
-
-def _args(args, kwargs):
-    for a in args:
-        if isinstance(a, Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, Tensor):
-                    yield b
-    if kwargs:
-        for a in kwargs.values():
-            if isinstance(a, Tensor):
-                yield a
 
 
 def _checkable(t) -> bool:
