@@ -203,17 +203,17 @@ def build(probe, profile: int = 0) -> dict:
 
 
 def hotspots(pr: cProfile.Profile, top: int) -> dict:
-    """Top functions by cumulative time, split: the memory capture, memdiag.py, the rest of gradprobe, others."""
+    """Top functions by cumulative time, split: the memory capture, diagnose/, the rest of gradprobe, others."""
     st = pstats.Stats(pr)
-    groups = {"memory capture (capture/memory.py, memlog.py, memtables.py)": [], "memdiag.py": [],
+    groups = {"memory capture (capture/memory.py, memlog.py, tables/memory.py)": [], "diagnose/": [],
               "gradprobe (other)": [], "pandas/numpy/other": []}
     for (path, line, fn), (cc, nc, tt, ct, callers) in st.stats.items():
         p = path.replace(os.sep, "/")
-        if p.endswith(("gradprobe/capture/memory.py", "gradprobe/capture/memlog.py", "gradprobe/memtables.py",
+        if p.endswith(("gradprobe/capture/memory.py", "gradprobe/capture/memlog.py", "gradprobe/tables/memory.py",
                        "gradprobe/capture/savedhooks.py", "gradprobe/capture/savednodes.py")):
-            g = "memory capture (capture/memory.py, memlog.py, memtables.py)"
-        elif p.endswith("gradprobe/memdiag.py"):
-            g = "memdiag.py"
+            g = "memory capture (capture/memory.py, memlog.py, tables/memory.py)"
+        elif "/gradprobe/diagnose/" in p:
+            g = "diagnose/"
         elif "/gradprobe/" in p:
             g = "gradprobe (other)"
         else:

@@ -1,8 +1,15 @@
-"""Two losses with retain_graph=True on a 1000-500-100-10 network.
+"""Two losses with retain_graph=True on a 1000-500-100-10 network, and the verdict gradprobe gives each.
 
-First the second loss comes from a fresh forward, so retain_graph=True only keeps the
-first graph alive for nothing; then both losses share one forward, where retain_graph
-is needed but (loss1 + loss2).backward() would do the same in one pass.
+1. Steps 0-2: the second loss comes from a fresh forward, so no later backward goes through the first
+   graph: retain_graph=True only keeps its saved tensors (about 600 KiB) alive until the graph is
+   dropped. Finding: `retain_graph_unneeded` (warning) at the first backward, with the bytes it held
+   and how much lower the peak of saved tensors would have been without it.
+2. Steps 3-5: both losses come from one forward and their backwards run back to back, with no
+   optimizer step, zero_grad or other work between them: the second backward does reuse the graph,
+   but `(loss1 + loss2).backward()` gives the same gradients in one pass. Finding:
+   `retain_graph_avoidable` (info).
+A retain_graph=True that is needed (an optimizer step or zero_grad between the two backwards, or a
+gradient penalty with create_graph=True) gives no finding.
 """
 
 import torch

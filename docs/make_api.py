@@ -1,4 +1,4 @@
-"""Writes the column reference of docs/API.md from gradprobe/schema.py (names, dtypes, comments).
+"""Writes the column reference of docs/API.md from gradprobe/tables/schema.py (names, dtypes, comments).
 
     python docs/make_api.py > /tmp/cols.md   # then paste between the markers in docs/API.md
 """
@@ -8,10 +8,10 @@ import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from gradprobe.schema import TABLES  # noqa: E402
+from gradprobe.tables.schema import TABLES  # noqa: E402
 
-SRC = (pathlib.Path(__file__).resolve().parents[1] / "gradprobe" / "schema.py").read_text().splitlines()
-DTYPES = {"str": "text", "int64": "int", "Int64": "int or NA", "float64": "float (NaN: missing)", "bool": "bool",
+SRC = (pathlib.Path(__file__).resolve().parents[1] / "gradprobe" / "tables" / "schema.py").read_text().splitlines()
+DTYPES = {"str": "text", "int64": "int", "Int64": "int or NA", "float64": "float (NaN: missing)", "bool": "bool", "boolean": "bool or NA",
           "object": "list"}
 
 

@@ -3,7 +3,9 @@
     python docs/make_screenshots.py [DEMO ...]      (from the repository root; needs chromium)
 
 docs/report-synthetic.png is the report of the synthetic run in tests/synthetic.py, which
-exercises every figure (memory ones included) without torch.
+exercises every figure (memory ones included) without torch. docs/readme.png, the README's image,
+is a crop of the README demo's report: its findings and one figure, at a width a README shows
+without shrinking the text.
 """
 
 import importlib
@@ -16,16 +18,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+README = ("multihead", "branches", 1000, 890)  # demo, figure, width, height of docs/readme.png
 
 
-def screenshot(html: Path, png: Path, height: int = 3400) -> None:
+def crop(html: Path, figure: str) -> Path:
+    """A copy of a report showing only its title, findings and one figure (CSS hides the rest)."""
+    hide = (".meta,nav,#headline,#summary,#tables,#figures>h2,.modebar-container,"
+            f".figure:not(#fig-{figure}){{display:none!important}} #findings h2{{margin-top:8px}}")
+    out = html.with_name(f"{html.stem}-crop.html")
+    out.write_text(html.read_text().replace("</head>", f"<style>{hide}</style></head>", 1))
+    return out
+
+
+def screenshot(html: Path, png: Path, height: int = 3400, width: int = 1400) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         sys.exit("chromium not installed: apt-get install chromium")
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size=1400,{height}",
+                        f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size={width},{height}",
                         "--virtual-time-budget=10000", f"--screenshot={png}", html.as_uri()],
                        check=True, capture_output=True)
     print(f"wrote {png.relative_to(ROOT)}", file=sys.stderr)
@@ -46,8 +58,10 @@ def main(names: list[str]) -> None:
             html = Path(tmp) / f"{name}.html"
             load(name).main().report(html)
             screenshot(html, DOCS / f"report-{name}.png")
+            if name == README[0]:
+                screenshot(crop(html, README[1]), DOCS / "readme.png", height=README[3], width=README[2])
         if not names:
-            from gradprobe.report import write_report
+            from gradprobe.output.report import write_report
             from synthetic import small_run
             html = Path(write_report(*small_run(), Path(tmp) / "synthetic.html"))
             screenshot(html, DOCS / "report-synthetic.png", height=5200)

@@ -1,4 +1,5 @@
-"""Command line: `gradprobe demo`, `gradprobe report RUN`, `gradprobe summary RUN`.
+"""Command line: `gradprobe demo`, `gradprobe report RUN...`, `gradprobe summary RUN...`,
+`gradprobe run SCRIPT [ARGS...]`. Several run files (the ranks of one distributed job) are merged into one.
 
 Expected failures (a missing or foreign run file, an unwritable path, an unknown demo) print
 one line to stderr and exit with status 2; progress goes to stderr so stdout stays clean.
@@ -61,13 +62,42 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--save", metavar="RUN", help="also save the recorded run to this file (e.g. demo.gprobe)")
     d.add_argument("--list", action="store_true", help="list the demos and exit")
     r = sub.add_parser("report", help="write the HTML report of a saved run",
-                       description="Write the self-contained HTML report of a run saved with probe.save().")
-    r.add_argument("run", metavar="RUN", help="a run file written by probe.save()")
+                       description="Write the self-contained HTML report of a run saved with probe.save(). "
+                                   "Several files (the ranks of one job: run.rank*.gprobe) make one report.")
+    r.add_argument("run", nargs="+", metavar="RUN", help="run file(s) written by probe.save()")
     r.add_argument("-o", "--output", metavar="HTML", help="where to write the report (default: RUN with .html)")
     s = sub.add_parser("summary", help="print the plain-text summary of a saved run",
-                       description="Print the summary and findings of a run saved with probe.save().")
-    s.add_argument("run", metavar="RUN", help="a run file written by probe.save()")
+                       description="Print the summary and findings of a run saved with probe.save(). "
+                                   "Several files (the ranks of one job: run.rank*.gprobe) are merged.")
+    s.add_argument("run", nargs="+", metavar="RUN", help="run file(s) written by probe.save()")
+    from .runscript import DEFAULT_REPORT, DEFAULT_RUN
+    x = sub.add_parser("run", help="run a training script under a probe and write its run and report",
+                       description="Run SCRIPT as __main__ with ARGS (like python -m cProfile) under "
+                                   "gradprobe.Probe(None), which observes every module and leaf tensor a "
+                                   "backward reaches; write the run file and the HTML report when it ends "
+                                   "(also when it fails). The exit status is the script's.")
+    x.add_argument("-o", "--output", default=DEFAULT_RUN, metavar="RUN",
+                   help=f"where to save the run (default: {DEFAULT_RUN}; rank r of a distributed job "
+                        "writes RUN with .rank{r} before the suffix)")
+    x.add_argument("--report", default=DEFAULT_REPORT, metavar="HTML",
+                   help=f"where to write the report (default: {DEFAULT_REPORT})")
+    x.add_argument("--every", type=_every, metavar="N",
+                   help="full detail every N steps (default: the first 10 steps, then 1 in 100)")
+    x.add_argument("--track", action="append", metavar="WHAT",
+                   help="what to track: grads, cuts, memory (comma-separated or repeated; default: all)")
+    x.add_argument("script", metavar="SCRIPT", help="the Python script to run")
+    x.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
     return p
+
+
+def _every(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--every takes a whole number of steps >= 1, got {text!r}")
+    return n
 
 
 def _cmd_demo(args) -> int:
@@ -80,7 +110,7 @@ def _cmd_demo(args) -> int:
                          "(install gradprobe from its source tree with 'pip install -e .')")
     if args.name not in demos:
         raise UsageError(f"unknown demo {args.name!r}; choose one of: {', '.join(demos)}")
-    from .runfile import writable_path
+    from .output.files import writable_path
     writable_path(args.output, "report", "report.html")  # fail before training, not after
     if args.save:
         writable_path(args.save, "run", "run.gprobe")
@@ -97,27 +127,50 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _load(path: str):
-    from .runfile import load
-    return load(path)
+def _load(paths: list[str]):
+    """One run, or the merge of several (the ranks of one job)."""
+    from .output.run import load
+    return load(paths[0] if len(paths) == 1 else paths)
+
+
+def _default_report(paths: list[str]) -> str:
+    """RUN with .html; for rank files `run.rank0.gprobe ...`: `run.html`."""
+    p = Path(paths[0])
+    if len(paths) > 1:
+        import re
+        p = p.with_name(re.sub(r"\.rank\d+$", "", p.stem) + p.suffix)
+    return str(p.with_suffix(".html"))
 
 
 def _cmd_report(args) -> int:
-    from .runfile import writable_path
-    out = args.output or str(Path(args.run).with_suffix(".html"))
+    from .output.files import writable_path
+    out = args.output or _default_report(args.run)
     writable_path(out, "report", "report.html")
     run = _load(args.run)
-    _progress(f"writing report of {args.run}")
+    _progress(f"writing report of {', '.join(args.run) if len(args.run) <= 3 else f'{len(args.run)} run files'}")
     _progress(f"report written to {run.report(out)}")
     return 0
 
 
 def _cmd_summary(args) -> int:
-    from .summary import summarize
+    from .output.summary import summarize
     run = _load(args.run)
     sys.stdout.write(summarize(run.to_pandas(), run.meta) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def _cmd_run(args) -> int:
+    from .runscript import run_script
+    track = None
+    if args.track:
+        track = tuple(t.strip() for one in args.track for t in one.split(",") if t.strip())
+        from .probe import TRACKS
+        bad = [t for t in track if t not in TRACKS]
+        if bad:
+            raise UsageError(f"unknown --track {', '.join(bad)}; choose from {', '.join(TRACKS)}")
+    return run_script(args.script, args.args, output=args.output, report=args.report, every=args.every,
+                      track=track)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +193,8 @@ def _main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return {"demo": _cmd_demo, "report": _cmd_report, "summary": _cmd_summary}[args.command](args)
+        return {"demo": _cmd_demo, "report": _cmd_report, "summary": _cmd_summary,
+                "run": _cmd_run}[args.command](args)
     except BrokenPipeError:
         raise
     except (UsageError, OSError, ValueError) as e:  # RunFileError and FileNotFoundError included

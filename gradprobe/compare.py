@@ -24,9 +24,8 @@ import time
 import pandas as pd
 import torch
 
-from .memdiag import human
-from .procmem import rss
-from .text import human_bytes
+from .capture.procmem import rss
+from .text import human, human_bytes
 
 MODES = ("grad", "no_grad", "inference_mode")
 KINDS = ("param", "input", "activation", "cast")

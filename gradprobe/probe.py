@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .capture import Capture
 from .capture.handles import Installed
-from .run import RunView
+from .output.run import RunView
 
 TRACKS = ("grads", "cuts", "memory")
 log = logging.getLogger("gradprobe")
@@ -127,6 +127,13 @@ class Probe(Capture, RunView):
             if Probe._active is self:
                 Probe._active = None
 
+    def log_to(self, sink, *, prefix: str = "gradprobe/", histograms: bool = True) -> list:
+        """Write the per-step scalars (parameters without gradient, non-finite count, total grad norm, peak
+        live saved bytes) and per-module gradient-norm histograms of the steps ended since the last call to a
+        TensorBoard `SummaryWriter`-like or W&B run-like `sink`; returns [(step, scalars)]."""
+        from .integrations.loggers import log_to
+        return log_to(self, sink, prefix=prefix, histograms=histograms)
+
     # --- tables ---------------------------------------------------------------
     def to_pandas(self) -> dict:
         """Every table (see API.md), with findings diagnosed from them."""
@@ -159,7 +166,8 @@ def _model_summary(model) -> str:
         return "None (every module and leaf reached)"
     if not isinstance(model, (dict, torch.nn.Module)):
         return type(model).__name__
-    models = model if isinstance(model, dict) else {"": model}
+    from .capture.dist import unwrap
+    models = {k: unwrap(m) for k, m in (model if isinstance(model, dict) else {"": model}).items()}
     return "; ".join(f"{k + ': ' if k else ''}{type(m).__name__} ({_count(m):,} parameters)"
                      for k, m in models.items() if isinstance(m, torch.nn.Module))
 

@@ -34,14 +34,37 @@ def human_bytes(n, missing: str = "", exact: bool = False) -> str:
     return f"{v:.1f} {unit} ({n:,} bytes)" if exact else f"{v:.1f} {unit}"
 
 
-def span(values, noun: str) -> str:
-    """[3] -> 'step 3'; [0, 2] -> 'steps 0, 2'; many -> '20 steps (0..38)'."""
+def human(n) -> str:
+    """1536 -> '1.5 KiB (1,536 bytes)'."""
+    return human_bytes(n, missing="an unknown number of bytes", exact=True)
+
+
+_PLURAL = {"backward": "backward calls"}
+
+
+def span(values, noun: str, last=None, of=None) -> str:
+    """[3] -> 'step 3'; [0, 2] -> 'steps 0, 2'; many -> '20 steps (0..38)'.
+
+    last: the run's last step (`last_step`): a value after it (a forward after the last optimizer step)
+    is said as 'the time after step 59', never as a step the run did not have. of: how many there were in
+    the run when `values` are a sample of them: '6 sampled steps of 60 (0..41)'."""
     v = sorted({int(x) for x in values})
-    if len(v) == 1:
-        return f"{noun} {v[0]}"
-    if len(v) <= 4:
-        return f"{noun}s " + ", ".join(map(str, v))
-    return f"{len(v)} {noun}s ({v[0]}..{v[-1]})"
+    after = ""
+    if last is not None and v and v[-1] > int(last):
+        v = [x for x in v if x <= int(last)]
+        after = f"the time after step {int(last)}"
+    many = _PLURAL.get(noun, noun + "s")
+    sampled = of is not None and int(of) > len(v)
+    if not v:
+        return after
+    if len(v) == 1 and not sampled:
+        text = f"{noun} {v[0]}"
+    elif len(v) <= 4:
+        text = f"{many if len(v) > 1 else noun} " + ", ".join(map(str, v))
+        text += f" (sampled: {len(v)} of {int(of)})" if sampled else ""
+    else:
+        text = f"{len(v)} {'sampled ' if sampled else ''}{many}{f' of {int(of)}' if sampled else ''} ({v[0]}..{v[-1]})"
+    return f"{text} and {after}" if after else text
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

@@ -193,3 +193,8 @@ def restore_installed(before: dict) -> None:
     torch.set_grad_enabled(g["grad enabled"])
     sys.settrace(g["sys.gettrace"])
     sys.setprofile(g["sys.getprofile"])
+
+
+def hooks_top():
+    """The saved_tensors_hooks on top of the stack (None: none installed)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)

@@ -41,3 +41,16 @@ def demo_site(name: str, text: str, nth: int | None = None) -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def isolated():
+    """A probe that leaks must fail its own test only: put the process back afterwards
+    (use with `pytestmark = pytest.mark.usefixtures("isolated")`)."""
+    from tests.clean import restore_installed, snapshot_installed
+    import gradprobe as gp
+    before = snapshot_installed()
+    yield
+    restore_installed(before)
+    if hasattr(gp.Probe, "_active"):
+        gp.Probe._active = None

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from gradprobe.schema import TABLES, frame
+from gradprobe.tables.schema import TABLES, frame
 
 # param -> (module, numel)
 PARAMS = {

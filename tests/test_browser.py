@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gradprobe.report import write_report
+from gradprobe.output.report import write_report
 
 from synthetic import empty_run, small_run
 
@@ -72,3 +72,26 @@ def test_screenshot(tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a blank page is a few KB
     assert _js_errors(r.stderr) == []
+
+
+def _marks(chunk: str) -> int:
+    """Drawn data in a rendered figure: scatter points and lines, bars, heatmap cells, treemap slices."""
+    return sum(chunk.count(k) for k in ('class="point"', 'class="js-line"', 'class="slice', 'class="hm"'))
+
+
+@pytest.mark.parametrize("name", ["gan", "detached_output", "multihead", "retain_graph", "validation", "inplace"])
+def test_every_demo_report_renders_without_console_errors_or_empty_plots(tmp_path, name):
+    """Each demo trains for real; in its report every figure draws data, or says in words why it has none
+    (a figure with neither is an empty plot)."""
+    _chromium()
+    import importlib
+
+    probe = importlib.import_module(f"gradprobe_demos.{name}").main()
+    report = Path(probe.report(tmp_path / "report.html"))
+    r = _render(report, tmp_path, "--dump-dom")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _js_errors(r.stderr) == []
+    for fig, chunk in _figure_chunks(r.stdout).items():
+        assert 'class="main-svg"' in chunk, f"{name}: figure {fig} did not render"
+        said = 'class="annotation"' in chunk and 'class="xtick"' not in chunk  # words, no axes around nothing
+        assert _marks(chunk) > 0 or said, f"{name}: figure {fig} is an empty plot"

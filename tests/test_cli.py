@@ -9,7 +9,8 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 from gradprobe.cli import main
-from gradprobe.runfile import load, save_run
+from gradprobe.output.run import load
+from gradprobe.output.runfile import save_run
 
 from synthetic import FINDINGS, small_run
 

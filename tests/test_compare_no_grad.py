@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import gradprobe as gp
+from tests.clean import hooks_top
 from gradprobe.compare import Comparison, _faster
 
 F32 = 4  # bytes per float32
@@ -23,9 +24,6 @@ def saving(c) -> int:
     assert m, str(c)
     return int(m.group(1).replace(",", ""))
 
-
-def hooks_top():
-    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 def compare_quietly(*args, **kwargs):

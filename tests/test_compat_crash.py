@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
@@ -20,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradprobe as gp
-from tests.clean import assert_nothing_installed, restore_installed, snapshot_installed
+from tests.clean import assert_nothing_installed, snapshot_installed
 from tests.identical import assert_same, check_identical, collect
 from tests.models import MLP
 
@@ -28,14 +27,7 @@ SCHEDULES = [pytest.param({}, id="default"), pytest.param({"every": 1}, id="ever
              pytest.param({"every": 3}, id="every3")]
 
 
-@pytest.fixture(autouse=True)
-def _isolated():
-    """A probe that leaks must fail its own test only: put the process back afterwards."""
-    before = snapshot_installed()
-    yield
-    restore_installed(before)
-    if hasattr(gp.Probe, "_active"):
-        gp.Probe._active = None
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def identical_and_clean(train, **probe_kwargs):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradprobe as gp
-from tests.clean import restore_installed, snapshot_installed
+from tests.clean import hooks_top
 from tests.conftest import site_of
 from tests.models import MLP
 
@@ -29,17 +29,8 @@ B = 4
 GRAPH_BYTES = B * (6 + 8 + 3 + 3) * 4
 
 
-@pytest.fixture(autouse=True)
-def _isolated():
-    before = snapshot_installed()
-    yield
-    restore_installed(before)
-    if hasattr(gp.Probe, "_active"):
-        gp.Probe._active = None
+pytestmark = pytest.mark.usefixtures("isolated")
 
-
-def hooks_top():
-    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 class Update:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradprobe as gp
-from tests.clean import restore_installed, snapshot_installed
+from tests.clean import hooks_top
 from tests.conftest import site_of
 from tests.identical import check_identical, collect
 
@@ -28,17 +28,8 @@ F32 = 4
 SCHEDULES = [pytest.param(1, id="every1"), pytest.param(3, id="every3"), pytest.param(None, id="default")]
 
 
-@pytest.fixture(autouse=True)
-def _isolated():
-    before = snapshot_installed()
-    yield
-    restore_installed(before)
-    if hasattr(gp.Probe, "_active"):
-        gp.Probe._active = None
+pytestmark = pytest.mark.usefixtures("isolated")
 
-
-def hooks_top():
-    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 def detail(step, every):

@@ -1,5 +1,6 @@
 """Where flow stops: each kind of cut, its exact line, what it cut off, and the cause it explains."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -134,7 +135,7 @@ def test_gan_detach_is_info_because_generator_trains_in_its_own_step():
     assert (d_step.loc[["G.fc1.weight", "G.fc2.bias"], "cause"] == "detach").all()
     cut = [f for f in probe.findings if f.kind == "detach_cut"]
     assert len(cut) == 1 and cut[0].severity == "info" and cut[0].site == site_of("CUT-GAN")
-    assert [f.severity for f in probe.findings if f.kind == "no_gradient"] == ["info"]
+    assert not [f for f in probe.findings if f.kind == "no_gradient"]  # one root cause: the deliberate cut
 
 
 def test_tag_follows_the_cut_through_later_ops():
@@ -150,3 +151,31 @@ def test_tag_follows_the_cut_through_later_ops():
     assert p.loc["m.fc1.weight", "cause"] == "non_differentiable"
     assert p.loc["m.fc1.weight", "site"] == site_of("CUT-ROUTE")
     assert p.loc["emb.weight", "status"] == "flow"
+
+
+def test_a_detached_sample_that_feeds_no_loss_is_not_the_cause():
+    """pytorch/examples' DCGAN samples `netG(fixed_noise).detach()` for images after the G step: in the next
+    iteration's D-real backward the generator is simply not in the graph (`not_in_graph`), not cut by that
+    detach; the deliberate `D(fake.detach())` stays the cause in the D-fake backward."""
+    G, D = torch.nn.Linear(4, 6), torch.nn.Linear(6, 1)
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.01)
+    with gp.Probe({"G": G, "D": D}, every=1) as probe:
+        for _ in range(3):
+            D.zero_grad()
+            D(torch.randn(8, 6)).mean().backward()  # D on real data
+            fake = G(torch.randn(8, 4))
+            D(fake.detach()).mean().backward()  # CUT-GAN-D
+            opt_d.step()
+            G.zero_grad()
+            (-D(fake).mean()).backward()
+            opt_g.step()
+            sample = G(torch.randn(8, 4)).detach()  # CUT-SAMPLE
+            (sample.clamp(-1, 1) * 0.5 + 0.5).mean().item()  # save_image-like ops, outside any graph
+    p = probe.to_pandas()["params"]
+    g = p[p["param"] == "G.weight"].sort_values("backward")
+    per_backward = list(zip(g["status"], g["cause"].astype(object), g["site"].astype(object)))
+    real, fake_d, gen = per_backward[3], per_backward[4], per_backward[5]  # second iteration
+    assert real[:2] == ("none", "not_in_graph") and pd.isna(real[2])
+    assert fake_d == ("none", "detach", site_of("CUT-GAN-D"))
+    assert gen[0] == "flow"
+    assert site_of("CUT-SAMPLE") not in set(g["site"].dropna())

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import gradprobe as gp
-from gradprobe.schema import TABLES
+from gradprobe.tables.schema import TABLES
 from tests.conftest import demo_site
 
 
@@ -63,3 +63,16 @@ def test_demo_run_round_trips_and_reports(name, tmp_path):
     for f in probe.findings:
         assert f.kind in html
     assert run.summary() == probe.summary()
+
+
+@pytest.mark.parametrize("name", ["gan", "multihead", "detached_output", "retain_graph", "validation", "inplace"])
+def test_every_text_value_is_in_its_vocabulary(name):
+    """tables/schema.py's VALUES (what docs/API.md lists): a demo run never writes a value outside them."""
+    from gradprobe.tables.schema import VALUES
+    tables = run_demo(name).to_pandas()
+    seen = 0
+    for (table, column), allowed in VALUES.items():
+        values = set(tables[table][column].dropna())
+        assert values <= set(allowed), (table, column, values - set(allowed))
+        seen += len(values)
+    assert seen >= 3

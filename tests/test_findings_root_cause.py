@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradprobe as gp
-from gradprobe import memdiag
+from gradprobe.diagnose import leaks
 from tests.conftest import site_of
 
 F32 = 4
@@ -237,10 +237,10 @@ def test_inplace_then_backward_through_it_is_still_flagged():
 
 # --- counts say when they are sampled --------------------------------------------------------------------
 def test_growth_is_never_about_0_nodes_per_step():
-    assert memdiag._growth(3, 0, 10) == ", growing by 3 nodes over 10 steps"
-    assert memdiag._growth(30, 2048, 10) == ", growing by about 3 nodes per step and about 205 bytes per step"
-    assert memdiag._growth(0, 0, 10) == ", not growing"
-    assert "about 0" not in memdiag._growth(1, 5, 60)
+    assert leaks._growth(3, 0, 10) == ", growing by 3 nodes over 10 steps"
+    assert leaks._growth(30, 2048, 10) == ", growing by about 3 nodes per step and about 205 bytes per step"
+    assert leaks._growth(0, 0, 10) == ", not growing"
+    assert "about 0" not in leaks._growth(1, 5, 60)
 
 
 def test_unused_graph_count_says_it_was_sampled():

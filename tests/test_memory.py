@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradprobe as gp
+from tests.clean import hooks_top
 from tests.conftest import demo_site, site_of
 
 F32 = 4  # bytes per float32
@@ -22,9 +23,6 @@ I64 = 8
 def findings(probe, kind):
     return [f for f in probe.findings if f.kind == kind]
 
-
-def hooks_top():
-    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 # --- exact bytes ---------------------------------------------------------------------------

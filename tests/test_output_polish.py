@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 import gradprobe as gp
-from gradprobe.figures import make_figures
-from gradprobe.report import message_html, summary_html, table_html, write_report
-from gradprobe.summary import memory_headline
+from gradprobe.output.figures import make_figures
+from gradprobe.output.report import message_html, table_html
+from gradprobe.output.summary import memory_headline
 from gradprobe.text import site_label, source_line
 
 from conftest import site_of
@@ -273,3 +273,30 @@ def test_report_without_a_path_writes_default_file_and_says_where(detached_run, 
     out = detached_run.report()
     assert out == "gradprobe-report.html" and (tmp_path / out).stat().st_size > 0
     assert str(tmp_path / out) in capsys.readouterr().err
+
+
+def test_memory_figures_draw_leaks_and_unused_graphs_from_the_tables_not_the_findings():
+    """A validation forward outside no_grad (an unused graph each step) and a list of losses (a leak): the
+    no_grad figure's bar is the unused graphs' activation bytes, the timeline marks the leaking steps."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = []
+    with gp.Probe(model, every=1) as probe:
+        for _ in range(4):
+            loss = model(torch.randn(16, 6)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            history.append(loss)  # keeps every step's graph alive
+            model(torch.randn(16, 6)).sum()  # validation outside no_grad: a graph no backward uses
+    t = probe.to_pandas()
+    figs = make_figures(t, probe.meta)
+    unused = t["saved"][t["saved"]["backward"].isna() & (t["saved"]["freed_by"] != "alive")
+                        & t["saved"]["kind"].isin(["activation", "cast"])]
+    bars = {tr.name: list(tr.y) for tr in figs["no_grad_retain"].data}
+    assert bars["forward graph no backward used"] == [int(unused["nbytes"].sum())] and len(unused)
+    leaks = [tr for tr in figs["memory_timeline"].data if tr.name == "graphs of earlier steps alive"]
+    ends = t["memory"][(t["memory"]["event"] == "step_end") & (t["memory"]["leaked_graphs"].fillna(0) > 0)]
+    assert len(leaks) == 1 and len(ends) and list(leaks[0].x) == [s + 0.999 for s in ends["step"]]
+    assert any(f.kind == "graph_leak" for f in probe.findings)

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 import gradprobe
-from gradprobe.runfile import Run, RunFileError, load, save_run
-from gradprobe.schema import TABLES
+from gradprobe.output.run import Run, load
+from gradprobe.output.runfile import RunFileError, save_run
+from gradprobe.tables.schema import TABLES
 
 from synthetic import FINDINGS, empty_run, small_run
 

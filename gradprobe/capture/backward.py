@@ -28,7 +28,8 @@ class BackwardCall:
     """One backward call while it runs, and what it found."""
 
     __slots__ = ("index", "step", "site", "api", "retain_graph", "create_graph", "detail", "arrived", "outs",
-                 "considered", "inputs", "result", "t", "duration", "error", "root_tags", "thread")
+                 "considered", "inputs", "result", "t", "duration", "error", "root_tags", "thread",
+                 "freed_graph", "carried_site")
 
     def __init__(self, index, step, site, api, retain_graph, create_graph, detail):
         self.index, self.step, self.site, self.api = index, step, site, api
@@ -43,6 +44,8 @@ class BackwardCall:
         self.error: str | None = None
         self.root_tags = frozenset()
         self.thread = threading.get_ident()
+        self.freed_graph: int | None = None  # a failed backward: the graph it reached that an earlier one freed
+        self.carried_site: str | None = None  # the forward root call given a tensor of that graph
 
 
 def _engine_target():
@@ -150,6 +153,8 @@ class Backwards:
             return out
         except BaseException as e:
             bw.error = str(e) or type(e).__name__
+            if "second time" in bw.error or "already been freed" in bw.error:
+                _freed_graph(bw, roots)
             raise
         finally:
             bw.duration = time.perf_counter() - t0
@@ -158,6 +163,44 @@ class Backwards:
                 self._end(bw, roots)
             except Exception as e:
                 log.warning("gradprobe: could not record backward %s: %r", bw.index, e)
+
+
+def _freed_graph(bw, roots, limit: int = 100_000) -> None:
+    """A backward PyTorch refused because a graph was freed: note on `bw` the recorded graph it reached whose
+    saved tensors an earlier backward released, and the forward whose graph was given a tensor of it (the
+    nearest recorded graph above it). Walks the failed graph from its roots once; only plain ids and sites."""
+    try:
+        from .memlog import BACKWARD
+        from .memops import KEY
+        from collections import deque
+        freed_by = None  # graph id -> an earlier backward released rows of it (hooks path: graph-level)
+        queue = deque((r.grad_fn, None, None) for r in roots if r.grad_fn is not None)
+        seen: set = set()
+        while queue and len(seen) < limit:
+            node, cur, prev = queue.popleft()  # cur: nearest recorded graph above, prev: the one above that
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            s = node.metadata.get(KEY)
+            g = getattr(s, "graph", None)
+            if g is not None:
+                lg = s.c.log
+                if freed_by is None:
+                    freed_by = {lg.graph[i]: b for i in range(len(lg))
+                                if lg.freed[i] == BACKWARD and (b := lg.last_bw[i]) >= 0 and b != bw.index}
+                rows = getattr(s, "rows", None)
+                hit = (any(lg.freed[i] == BACKWARD and 0 <= lg.last_bw[i] != bw.index for i in rows) if rows
+                       else g.id in freed_by)
+                if hit:
+                    above = cur if cur is not g else prev
+                    bw.freed_graph = g.id
+                    bw.carried_site = above.site if above is not None else None
+                    return
+                if g is not cur:
+                    cur, prev = g, cur
+            queue.extend((nf, cur, prev) for nf, _ in node.next_functions)
+    except Exception as e:  # the user's error is what matters: never replace it
+        log.debug("gradprobe: freed graph walk: %r", e)
 
 
 def _not_users(roots) -> str | None:

@@ -7,7 +7,7 @@ cut tensor depended on) comes from graph.upstream.
 
 from __future__ import annotations
 
-from ..cuts import cut_label
+from ..tables.causes import cut_label
 
 
 class Cut:

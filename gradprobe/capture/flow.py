@@ -21,7 +21,7 @@ from . import gradstats
 class Flow:
     def __init__(self, probe) -> None:
         self.probe = probe
-        self.handles: dict[int, object] = {}  # tracked index -> hook handle
+        self.handles: dict = {}  # tracked index -> hook handle; ("fsdp2", index): on FSDP2 unsharded (dist.py)
         self.unhooked: list = []  # tracked entries not requiring grad when last looked at
         self.last_out = (lambda: None, [])  # (weakref to the last hooked output, modules that returned it)
 
@@ -90,10 +90,12 @@ class Flow:
                 idx.append(i)
                 grads.append(by_index.get(i))
         else:
+            unmeasured = self.probe.dist.unmeasured  # FSDP2 without gradient sync: arrived, nothing to read
             for i in dict.fromkeys(bw.arrived):
                 t = tracked[i].ref()
                 idx.append(i)
-                grads.append(None if t is None else t.grad)  # None: taken by a hook (optimizer in backward)
+                # None: taken by a hook (optimizer in backward), or not measurable (FSDP2 without sync)
+                grads.append(None if t is None or i in unmeasured else t.grad)
         with torch.no_grad():
             stats = dict(zip(idx, gradstats.measure(grads, scale)))
             outs: dict = {}

@@ -13,12 +13,17 @@ import math
 
 import torch
 
+from .dist import local_grad
+
 FLOW, ZERO, NONFINITE = "flow", "zero", "nonfinite"
 _HALF = (torch.float16, torch.bfloat16)
 
 
 def _dense(g):
-    return g.coalesce()._values() if g.is_sparse else g
+    """Values to measure: a sparse gradient's values, a DTensor's local shard (None: this rank holds none)."""
+    if g.is_sparse:
+        return g.coalesce()._values()
+    return g if type(g) is torch.Tensor else local_grad(g)
 
 
 def measure(grads: list, scale=None) -> list[tuple[float, str]]:
@@ -32,6 +37,8 @@ def measure(grads: list, scale=None) -> list[tuple[float, str]]:
         if g is None:
             continue
         g = _dense(g)
+        if g is None:
+            continue
         groups.setdefault((g.device, g.dtype), []).append((k, g))
     parts, keys = [], []
     for (device, dtype), items in groups.items():

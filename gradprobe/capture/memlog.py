@@ -4,7 +4,7 @@ Saved tensors of sampled (detail) steps are rows in columns (`array` for numbers
 strings), at most `CAP` of them; storages and graphs likewise. Live sets are dicts, so releasing a
 saved tensor is O(1) however often its storage was saved. Graphs alive are counted per step, so the
 leak check at each step's end costs O(graphs of the last two steps), not O(run length).
-Nothing here touches torch: the capture paths feed it, gradprobe.memtables reads it.
+Nothing here touches torch: the capture paths feed it, gradprobe.tables.memory reads it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from array import array
 from collections import deque
 
 CAP = 200_000  # saved-tensor rows kept per run (about 150 bytes each)
-ALIVE, BACKWARD, RETAINED, DROPPED = range(4)  # `freed` codes (named in gradprobe.memtables.FREED)
+ALIVE, BACKWARD, RETAINED, DROPPED = range(4)  # `freed` codes (named in gradprobe.tables.memory.FREED)
 
 
 class Graph:

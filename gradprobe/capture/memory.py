@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..procmem import rss as _procmem_rss
+from .procmem import rss as _procmem_rss
 from .leaks import carried_in, leak_row
 from .memlog import BACKWARD, DROPPED, RETAINED, SavedLog
 from .memops import Inplace, after_op, inplace_write
@@ -305,7 +305,7 @@ class MemoryCollector:
 
     # --- tables ---------------------------------------------------------------
     def fill_tables(self, tables: dict) -> None:
-        from ..memtables import fill
+        from ..tables.memory import fill
         p = self.probe
         try:
             fill(self.log, tables, now=(time.perf_counter() - p.t0, p.step_idx) if p.depth > 0 else None)

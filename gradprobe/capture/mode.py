@@ -71,6 +71,7 @@ class ProbeMode(TorchFunctionMode):
         self.probe = probe
         self.cuts = cuts  # False: only names ops and in-place writes for the memory collector
         self.tags = WeakIdKeyDictionary()  # tensor -> frozenset of cut ids it depends on
+        self.consumed: set[int] = set()  # ids of cuts whose result went back into a graph
         self.enabled = True  # False: inert until it can leave the stack (see Instruments.try_off)
 
     def _memory_only(self, memory, func, args, kwargs):
@@ -174,6 +175,8 @@ class ProbeMode(TorchFunctionMode):
         if self.tags:
             tag = self.tags_of(_tensors(args, kwargs))
             if tag:
+                if any(o.requires_grad for o in outs):
+                    self.consumed |= tag
                 self._tag(outs, tag)
         if any(o.requires_grad for o in outs):
             o = outs[0]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from ..cuts import cause_of
+from ..tables.causes import cause_of
+from ..tables.schema import STATUS
 from .gradstats import rollup
 
-STATUSES = ("flow", "none", "zero", "nonfinite", "frozen")
 
 
 def backward_rows(probe, bw, stats: dict, outs: dict) -> dict:
@@ -30,7 +30,7 @@ def backward_rows(probe, bw, stats: dict, outs: dict) -> dict:
         status = [stats[i][1] if i in stats else "none" if rg else "frozen" for i, t, rg in live]
     else:
         status = ["flow" if i in arrived else "none" if rg else "frozen" for i, t, rg in live]
-    counts = {s: status.count(s) for s in STATUSES}
+    counts = {s: status.count(s) for s in STATUS}
     if not bw.detail:
         counts["zero"] = counts["nonfinite"] = None
         return counts
@@ -51,6 +51,12 @@ def backward_rows(probe, bw, stats: dict, outs: dict) -> dict:
     return counts
 
 
+# a detached tensor carries its cut's tag into every op it feeds; one that never went back into a graph (a
+# sample detached for images, say) reached no loss, so it is not why a parameter got no gradient (tags can be
+# lost in ops the mode does not see, like a framework's custom Function on the outputs: such a cut still explains)
+_TAGGED = frozenset(("detach", "detach_", "data", "requires_grad_false"))
+
+
 def explain(probe, bw, none: list[int]) -> dict:
     """index -> (cause, site) for tracked tensors that got no gradient in this backward."""
     if not none:
@@ -60,6 +66,7 @@ def explain(probe, bw, none: list[int]) -> dict:
     out = {}
     root_cuts = [cuts.cuts[c] for c in sorted(bw.root_tags)]
     ran = probe.modules.ran
+    consumed = probe.mode.consumed if probe.mode is not None else ()
     for i in none:
         name = tracked[i].name
         for cut in root_cuts:
@@ -68,8 +75,8 @@ def explain(probe, bw, none: list[int]) -> dict:
                 out[i] = (cause_of(cut.kind), cut.site)
                 break
         else:
-            for cut in cuts.current:  # cuts made earlier in this step
-                if name in cut.upstream:
+            for cut in cuts.current:  # cuts made earlier in this step whose result carries no tag to a root
+                if name in cut.upstream and (cut.kind not in _TAGGED or cut.id in consumed):
                     out[i] = (cause_of(cut.kind), cut.site)
                     if cut.kind == "reentrant_checkpoint":  # its output carries no tag: effective by name
                         _effective(cut, bw)

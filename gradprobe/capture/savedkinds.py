@@ -31,11 +31,11 @@ class Kinds:
             if m is not None:
                 for name, b in m.named_buffers(recurse=False):
                     if isinstance(b, torch.Tensor):
-                        keys[key_of(b)] = ("buffer", ".".join(x for x in (info.name, name) if x))
+                        _add(keys, b, ("buffer", ".".join(x for x in (info.name, name) if x)))
         for t in targets.tracked:
             p = t.ref()
             if p is not None and t.kind == "parameter":
-                keys[key_of(p)] = ("parameter", t.name)
+                _add(keys, p, ("parameter", t.name))
         self.keys = keys
 
     def of(self, t, key):
@@ -88,3 +88,12 @@ def arg_keys(args, kwargs) -> set:
         elif isinstance(a, (list, tuple)):
             stack.extend(a)
     return keys
+
+
+def _add(keys: dict, t, what) -> None:
+    """Key a parameter or buffer by its storage; a DTensor (FSDP2) by its local shard's."""
+    t = getattr(t, "_local_tensor", t)
+    try:
+        keys[key_of(t)] = what
+    except RuntimeError:  # a tensor without a Python-visible storage: not keyed, its saves count as inputs
+        pass

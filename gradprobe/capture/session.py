@@ -15,12 +15,13 @@ import warnings
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from ..store import Store
+from ..tables.store import Store
 from .amp import Amp
 from .aside import functorch_region, is_compiled, uncompiled, watch_compile
 from .backward import Backwards
 from .clock import StepClock
 from .cuts import CutLog
+from .dist import LIMIT_NOTES, Dist, unwrap
 from .gradstats import measure
 from .graph import leaves, newest_seq
 from .flow import Flow
@@ -49,18 +50,18 @@ class Capture:
         roots = model.values() if isinstance(model, dict) else [model]
         self.compiled_model = any(is_compiled(m) for m in roots)
         if isinstance(model, torch.nn.Module):
-            self.targets.add_root("", uncompiled(model))
+            self.targets.add_root("", unwrap(uncompiled(model)))
         elif isinstance(model, dict):
             for k, m in model.items():
                 if not isinstance(k, str) or not isinstance(m, torch.nn.Module):
                     raise TypeError("gradprobe.Probe: a dict model must map str names to nn.Module, "
                                     f"got {type(k).__name__} -> {type(m).__name__}")
-                self.targets.add_root(k, uncompiled(m))
+                self.targets.add_root(k, unwrap(uncompiled(m)))
         elif model is not None:
             raise TypeError(f"gradprobe.Probe: model must be an nn.Module, a dict of name -> nn.Module "
                             f"or None, got {type(model).__name__}")
         self.store = Store()
-        self.cutlog = CutLog()
+        self.cutlog, self.dist = CutLog(), Dist(self, model)  # dist: DDP/FSDP2 arrival and this rank
         self.flow = Flow(self)
         self.modules = ModuleStack(self)
         self.backwards = Backwards(self._backward_begins, self._backward_ends, self.note)
@@ -230,6 +231,7 @@ class Capture:
         self.busy += 1
         try:
             self.targets.materialised()
+            self.dist.begin(bw)  # FSDP2 names bound to sharded parameters; .grad signatures (DDP/FSDP2)
             if self.grads:
                 self.flow.refresh()
             self.clock.backward_begins(newest_seq(roots))
@@ -261,9 +263,8 @@ class Capture:
         try:
             counts = {}
             if self.grads and not (bw.error and not bw.root_tags):
-                stats, outs = ({}, {})
-                if bw.detail:
-                    stats, outs = self.flow.measure(bw, self.amp.scale_tensor())
+                self.dist.end(bw)  # what DDP/FSDP2 wrote into .grad arrived too (used on another rank)
+                stats, outs = self.flow.measure(bw, self.amp.scale_tensor()) if bw.detail else ({}, {})
                 counts = backward_rows(self, bw, stats, outs)
             root_cut = self.cutlog.cuts[min(bw.root_tags)] if bw.root_tags else None
             opt_steps, grads_changed = self._between.pop(id(bw), (None, None))
@@ -273,6 +274,7 @@ class Capture:
                            cut_kind=root_cut.kind if root_cut else None,
                            cut_site=root_cut.describe() if root_cut else None,
                            opt_steps=opt_steps, grads_changed=grads_changed,
+                           freed_graph=bw.freed_graph, carried_site=bw.carried_site,
                            **{f"params_{k}": v for k, v in counts.items()})
             if self.memory is not None:
                 self.memory.end_backward(bw)
@@ -313,15 +315,16 @@ class Capture:
                 len(self.limits))
 
     def tables(self) -> dict:
-        from ..schema import frame
+        from ..tables.schema import frame
         tables = {t: self.store.frame(t) for t in self.store.cols if t != "findings"}
         order = {t.name: t.index for t in self.targets.tracked}
         tables["cuts"] = frame("cuts", [c.row(order) for c in self.cutlog.cuts])
         tables["limits"] = frame("limits", [
-            {"step": s, "what": what, "site": where, "note": what, "count": n}
+            {"step": s, "what": what, "site": where, "note": LIMIT_NOTES.get(what, what), "count": n}
             for (what, where), (s, n) in self.limits.items()])
         tables["weights"] = frame("weights", [{"step": s, "param": n, "status": "nonfinite"}
                                               for n, s in self.bad_weights.items()])
         if self.memory is not None:
             self.memory.fill_tables(tables)
+        tables.update(self.dist.tables())  # `dist`: only in a process group
         return tables

@@ -12,6 +12,13 @@ _OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # g
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _SKIP = (_OWN, _TORCH, os.path.dirname(os.path.abspath(os.__file__)) + os.sep + "contextlib.py")
 _names: dict[str, str | None] = {}  # co_filename -> shown path (None: skip this frame)
+# Frameworks a user's script calls into: their frames are not the user's line (found without importing them)
+FRAMEWORKS = ("lightning", "pytorch_lightning", "lightning_fabric", "accelerate", "transformers", "peft",
+              "torchvision", "torchmetrics", "timm", "deepspeed", "diffusers", "lightning_utilities")
+_INSTALLED = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+_STDLIB = os.path.dirname(os.path.abspath(os.__file__)) + os.sep  # threading, runpy, multiprocessing...
+_framework_dirs: tuple | None = None
+_frameworks: dict[str, bool] = {}  # co_filename -> inside an installed framework
 
 
 def _shown(filename: str) -> str | None:
@@ -27,11 +34,52 @@ def _shown(filename: str) -> str | None:
     return shown
 
 
-def _first_user(f, also_skip: str | None = None):
-    """The innermost frame from `f` outward that is outside torch, gradprobe and contextlib."""
-    while f is not None and (_shown(f.f_code.co_filename) is None or f.f_code.co_filename == also_skip):
+def _in_framework(filename: str) -> bool:
+    """Installed code, not the user's: a file in site-packages/dist-packages (looked for in the path
+    below the working directory when the file is inside it: a project's .venv counts, a project kept in
+    site-packages and run from there does not), of a known framework wherever it is installed (editable
+    installs), of the standard library, or code generated with exec (`<string>`: dataclasses' and
+    namedtuples' __init__)."""
+    hit = _frameworks.get(filename)
+    if hit is None:
+        global _framework_dirs
+        if _framework_dirs is None:
+            _framework_dirs = _find_frameworks()
+        path = os.path.abspath(filename)
+        cwd = os.getcwd() + os.sep
+        below = os.sep + (path[len(cwd):] if path.startswith(cwd) else path.lstrip(os.sep))
+        hit = _frameworks[filename] = (filename == "<string>" or any(s in below for s in _INSTALLED)
+                                       or path.startswith(_framework_dirs) or path.startswith(_STDLIB))
+    return hit
+
+
+def _find_frameworks() -> tuple:
+    import importlib.util
+    dirs = []
+    for name in FRAMEWORKS:
+        try:
+            spec = importlib.util.find_spec(name)  # top-level names: located, not imported
+        except (ImportError, ValueError):
+            continue
+        for d in (spec.submodule_search_locations or []) if spec is not None else []:
+            dirs.append(os.path.abspath(d) + os.sep)
+    return tuple(dirs)
+
+
+def _first_user(f, also_skip: str | None = None, frameworks: bool = True):
+    """The innermost frame from `f` outward that is outside torch, gradprobe and contextlib, and (with
+    `frameworks`) outside installed frameworks (Lightning, transformers, accelerate...); when every such
+    frame is in a framework, the innermost of them."""
+    first = None
+    while f is not None:
+        name = f.f_code.co_filename
+        if _shown(name) is not None and name != also_skip:
+            if not frameworks or not _in_framework(name):
+                return f
+            if first is None:
+                first = f
         f = f.f_back
-    return f
+    return first
 
 
 def _where(f) -> str:
@@ -47,40 +95,50 @@ _sites: dict[tuple, str] = {}
 
 
 def site(depth: int = 1) -> str | None:
-    """`FILE:LINE` of the innermost frame outside torch, gradprobe and contextlib."""
+    """`FILE:LINE` of the user's innermost frame: outside torch, gradprobe, contextlib and frameworks."""
     f = _first_user(sys._getframe(depth))
     return None if f is None else _where(f)
 
 
-# PyTorch running its own code: ops there are not the user's cuts (custom Function forward and
-# reentrant checkpoint run under no_grad by design; optimizers, serialization, init, compile)
-_INTERNAL = tuple(_TORCH + p for p in (
-    "autograd" + os.sep + "function.py", "utils" + os.sep + "checkpoint.py", "optim" + os.sep,
-    "serialization.py", "nn" + os.sep + "init.py", "_dynamo" + os.sep, "_functorch" + os.sep, "amp" + os.sep,
-    "nn" + os.sep + "utils" + os.sep, "storage.py", "utils" + os.sep + "data" + os.sep))
+# PyTorch running its own code: ops there are not the user's cuts. Custom Function forward, reentrant
+# checkpoint, compile and torch.func run the user's code under no_grad or tracing by design: internal
+# whatever runs inside. Optimizers, serialization, init, amp, nn.utils and data loading are internal only
+# for their own ops: a user frame between (a closure given to optimizer.step, as Lightning runs the
+# training step; a function decorated with autocast) is the user's computation again.
+_sep = os.sep
+_ALWAYS = tuple(_TORCH + p for p in (
+    f"autograd{_sep}function.py", f"utils{_sep}checkpoint.py", f"_dynamo{_sep}", f"_functorch{_sep}"))
+_OWN_CODE = tuple(_TORCH + p for p in (
+    f"optim{_sep}", "serialization.py", f"nn{_sep}init.py", f"amp{_sep}", f"nn{_sep}utils{_sep}", "storage.py",
+    f"utils{_sep}data{_sep}"))
 _INTERNAL_FUNCS = {"_save_to_state_dict", "state_dict", "_load_from_state_dict", "load_state_dict", "_apply",
                    "__deepcopy__", "__reduce_ex__"}  # module/tensor methods in torch files PyTorch runs for itself
-_internal_files: dict[str, bool] = {}
+_internal_files: dict[str, int] = {}  # co_filename -> 3 always internal, 2 own code, 1 other torch, 0 user, -1 other
 
 
 def in_torch_internals(depth: int = 1) -> bool:
     """True when the op runs inside PyTorch's own machinery, not as the user's computation.
 
-    A frame in one of _INTERNAL's files, a state_dict/_apply/deepcopy method of torch, or the
-    forward of a custom `torch.autograd.Function` (which PyTorch runs under no_grad by design).
+    A frame in one of _ALWAYS's files, in one of _OWN_CODE's with no user frame between it and the op,
+    a state_dict/_apply/deepcopy method of torch, or the forward of a custom `torch.autograd.Function`
+    (which PyTorch runs under no_grad by design).
     """
     f = sys._getframe(depth)
+    user = False
     while f is not None:
         code = f.f_code
         name = code.co_filename
         hit = _internal_files.get(name)
         if hit is None:
             path = os.path.abspath(name)
-            hit = _internal_files[name] = 2 if path.startswith(_INTERNAL) else 1 if path.startswith(_TORCH) else 0
-        if hit == 2 or (hit == 1 and code.co_name in _INTERNAL_FUNCS):
+            hit = _internal_files[name] = (
+                3 if path.startswith(_ALWAYS) else 2 if path.startswith(_OWN_CODE) else 1 if path.startswith(_TORCH)
+                else 0 if _shown(name) is not None and not _in_framework(name) else -1)
+        if hit == 3 or (hit == 2 and not user) or (hit == 1 and code.co_name in _INTERNAL_FUNCS):
             return True
         if code.co_name == "forward" and _custom_function_forward(f):
             return True
+        user = user or hit == 0
         f = f.f_back
     return False
 
@@ -115,8 +173,9 @@ def checkpoint_call(depth: int = 1):
 
 
 def user_frame(depth: int = 1):
-    """(filename, lineno) of the innermost frame outside torch, gradprobe, contextlib and warnings, or None."""
-    f = _first_user(sys._getframe(depth), also_skip=warnings.__file__)
+    """(filename, lineno) of the innermost frame outside torch, gradprobe, contextlib and warnings, or None
+    (frameworks' frames count: a warning goes where it would point without the probe)."""
+    f = _first_user(sys._getframe(depth), also_skip=warnings.__file__, frameworks=False)
     return None if f is None else (f.f_code.co_filename, f.f_lineno)
 
 

@@ -103,10 +103,17 @@ class Targets:
 
     def discover(self, module: torch.nn.Module) -> None:
         """model=None: a top-level module seen running, named after its class."""
-        cls = type(module).__name__
+        from .dist import unwrap
+        inner = unwrap(module)
+        cls = type(inner).__name__
         k = self._classes.get(cls, 0) + 1
         self._classes[cls] = k
-        self.add_root(cls if k == 1 else f"{cls}#{k}", module)
+        name = cls if k == 1 else f"{cls}#{k}"
+        if inner is not module:  # DDP runs first: known under its model's name, its model without `module.`
+            info = ModuleInfo(name, None, 0, len(self.modules), module)
+            self.modules.append(info)
+            self.by_id[id(module)] = info
+        self.add_root(name, inner)
 
     def track(self, tensor: torch.Tensor, name: str, module: str | None, kind: str) -> Tracked:
         t = self.by_tensor.get(tensor)

@@ -9,7 +9,9 @@ skipped steps are not touched: they give no `nonfinite_grad` (amp_skipped_step s
 
 from __future__ import annotations
 
-from .text import is_missing, records
+from ..tables.counts import last_step
+from ..text import is_missing, records, span
+from .common import amp_skipped_steps, listed
 
 
 def _first(numerics, skipped: set):
@@ -50,7 +52,7 @@ def origin_text(tables: dict, r: dict) -> str:
     return head
 
 
-def numerics_findings(tables: dict, rows: list[dict]) -> list[dict]:
+def _with_origin(tables: dict, rows: list[dict]) -> list[dict]:
     """Rows with the `nonfinite_grad` finding told where the first NaN/Inf came from."""
     bad = [r for r in rows if r.get("kind") == "nonfinite_grad"]
     if not bad:
@@ -87,3 +89,52 @@ def numerics_findings(tables: dict, rows: list[dict]) -> list[dict]:
         r["message"] = r["message"] + extra
         out.append(r)
     return out
+
+
+def nonfinite_grad(tables: dict, found: list[dict]) -> list[dict]:
+    """The first NaN/Inf gradient, told where it first appeared (the numerics table) when that was found."""
+    params = tables["params"]
+    if params.empty:
+        return []
+    rows: list[dict] = []
+    bad = params[(params["status"] == "nonfinite") & ~params["step"].isin(amp_skipped_steps(tables))]
+    if not bad.empty:
+        first = bad.sort_values(["backward", "arrival"]).iloc[0]
+        n = bad.loc[bad["backward"] == first["backward"], "param"].nunique()
+        rows.append({"kind": "nonfinite_grad", "severity": "error", "site": None, "step": int(first["step"]),
+                     "params": [first["param"]],
+                     "message": f"NaN/Inf gradient first appeared at `{first['param']}` in backward "
+                                f"{first['backward']} (step {first['step']}), {n} parameter(s) affected; "
+                                f"the layers nearest the loss get gradients first, so look there."})
+    return _with_origin(tables, rows)
+
+
+def nonfinite_weights(tables: dict, found: list[dict]) -> list[dict]:
+    """Parameters that an optimizer step made NaN/Inf: training cannot recover from that."""
+    weights = tables.get("weights")
+    if weights is None or weights.empty:
+        return []
+    first = int(weights["step"].min())
+    names = list(dict.fromkeys(weights.sort_values("step")["param"]))
+    return [{"kind": "nonfinite_weights", "severity": "error", "site": None, "step": first, "params": names,
+             "message": f"{listed(names, 2)} were NaN/Inf themselves by step {first} (checked when a sampled "
+                        "backward found non-finite gradients): an optimizer step before it wrote them, and every "
+                        "forward since computes NaN. Look at the learning rate and the gradients of the steps "
+                        "before, and clip them (`clip_grad_norm_`)."}]
+
+
+def amp_skipped(tables: dict, found: list[dict]) -> list[dict]:
+    """GradScaler's own overflow steps: expected with AMP, info (the scale is lowered and the step skipped)."""
+    steps = tables.get("steps")
+    if steps is None or steps.empty:
+        return []
+    hit = steps[steps["amp_skipped"]]
+    if hit.empty:
+        return []
+    scale = hit["grad_scale"].dropna()
+    after = f"; the scale is now {scale.iloc[-1]:g}" if len(scale) else ""
+    return [{"kind": "amp_skipped_step", "severity": "info", "site": None, "step": int(hit["step"].min()),
+             "params": [],
+             "message": f"GradScaler skipped {span(hit['step'], 'step', last_step(tables))}: it found inf/NaN gradients, lowered the "
+                        f"scale and did not call optimizer.step(){after}. This is how AMP finds its scale; a few "
+                        "skips are normal, a skip every step means the loss or the model overflows."}]

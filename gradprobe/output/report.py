@@ -2,7 +2,7 @@
 
 plotly.js is embedded once in the page and every figure refers to it, so the file opens
 offline and nothing is fetched from a CDN. Nothing here touches torch: the report only
-assembles figures (figures.py) and findings (finding.py) from the run tables.
+assembles figures (output/figures/) and findings (diagnose/finding.py) from the run tables.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pandas as pd
 
 from .figures import make_figures
 from .summary import memory_headline, memory_lines, not_recorded, summarize
-from .text import human_bytes, is_missing, plural, site_label, source_line
-from .finding import sort_findings
-from .runfile import write_atomic, writable_path
-from .schema import TABLES
+from ..text import human_bytes, is_missing, plural, site_label, source_line
+from ..diagnose.finding import sort_findings
+from .files import write_atomic, writable_path
+from ..tables.schema import TABLES
 
 ROWS_EACH_END = 200  # a table longer than 2x this shows its first and last rows only
 

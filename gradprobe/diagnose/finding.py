@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .text import records
+from ..text import records
 
 SEVERITIES = ("error", "warning", "info")
 

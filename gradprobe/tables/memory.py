@@ -14,9 +14,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from .schema import TABLES, frame
+from .schema import FREED_BY, TABLES, frame
 
-FREED = np.array(["alive", "backward", "retained", "graph_dropped"], dtype=object)
+FREED = np.array(FREED_BY, dtype=object)
 RETAIN_BUDGET = 50  # retaining backwards whose peak saving is computed (each is O(rows))
 
 

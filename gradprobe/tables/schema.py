@@ -17,6 +17,28 @@ FLOAT = "float64"
 BOOL = "bool"
 LIST = "object"
 
+# The values a text column may hold (docs/API.md, "Values"); tests check every run against them.
+STATUS = ("flow", "none", "zero", "nonfinite", "frozen")
+CAUSE = ("detach", "data", "no_grad", "non_differentiable", "to_python", "requires_grad_false",
+         "reentrant_checkpoint", "not_in_graph", "not_used")
+CUT_KIND = ("detach", "detach_", "data", "no_grad", "requires_grad_false", "non_differentiable", "to_python",
+            "reentrant_checkpoint")
+SAVED_KIND = ("activation", "cast", "parameter", "buffer", "input")
+FREED_BY = ("alive", "backward", "retained", "graph_dropped")  # in the order of capture/memlog's codes
+EVENT = ("enter", "exit", "forward", "backward_begin", "backward_end", "step_end", "hooks_shadowed", "recompute",
+         "memory_off", "now")
+LEAK_CAUSE = ("carried", "accumulation", "create_graph", "retain_graph", "reference")
+SEVERITY = ("error", "warning", "info")
+FINDING_KIND = ("no_gradient", "detach_cut", "backward_error", "nonfinite_grad", "nonfinite_weights",
+                "amp_skipped_step", "inplace_saved", "retain_graph_unneeded", "retain_graph_avoidable",
+                "graph_leak", "unused_graph", "saved_hooks_shadowed", "probe_limit", "ddp_unused")
+VALUES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("params", "status"): STATUS, ("params", "cause"): CAUSE, ("modules", "status"): STATUS,
+    ("weights", "status"): STATUS, ("cuts", "kind"): CUT_KIND, ("saved", "kind"): SAVED_KIND,
+    ("saved", "freed_by"): FREED_BY, ("memory", "event"): EVENT, ("memory", "leak_cause"): LEAK_CAUSE,
+    ("findings", "severity"): SEVERITY, ("findings", "kind"): FINDING_KIND,
+}
+
 TABLES: dict[str, dict[str, str]] = {
     "params": {
         "step": INT, "backward": INT, "param": STR, "module": STR, "status": STR,
@@ -82,6 +104,9 @@ TABLES: dict[str, dict[str, str]] = {
         "opt_steps": NINT,  # optimizer steps (GradScaler skips included) taken before this backward began
         "grads_changed": BOOL,  # after a retain_graph=True backward: the gradients were zeroed, set to
         # None or changed in place (zero_grad, clipping) before this backward began; False otherwise
+        "freed_graph": NINT,  # it failed on a freed graph: the graph (saved table `graph`) it reached whose
+        # saved tensors an earlier backward had freed
+        "carried_site": STR,  # the forward root call whose graph was given a tensor of that freed graph
     },
     "memory": {
         "t": FLOAT, "step": INT, "event": STR, "live_saved_bytes": INT,
@@ -113,6 +138,16 @@ TABLES: dict[str, dict[str, str]] = {
         "kind": STR, "severity": STR, "message": STR, "site": STR, "nbytes": NINT,
         "step": NINT,
         "params": LIST,  # parameters the finding is about
+    },
+    "dist": {  # the process group and the wrappers seen (one row per wrapper; empty in a single process)
+        "rank": INT,  # this process's rank in the default process group
+        "world_size": INT,  # number of ranks
+        "backend": STR,  # gloo | nccl | ...
+        "wrapper": STR,  # ddp | fsdp2 (missing: a process group without either)
+        "find_unused_parameters": "boolean",  # DDP's flags as the wrapper was built (NA for FSDP2)
+        "static_graph": "boolean",  # DDP's static_graph
+        "gradient_as_bucket_view": "boolean",  # DDP's gradient_as_bucket_view
+        "bucket_cap_mb": FLOAT,  # DDP's bucket size
     },
     "numerics": {  # first non-finite value, found by re-capturing the step after a non-finite gradient
         "step": INT, "phase": STR,  # forward | backward

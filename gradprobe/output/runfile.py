@@ -10,15 +10,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import pandas as pd
 
-from .run import RunView  # noqa: F401 (Run subclasses it)
-from .schema import LIST, TABLES, empty
+from .files import writable_path, write_atomic
+from ..tables.schema import LIST, STR, TABLES, empty
 
 FORMAT = "gradprobe-run"
 VERSION = 1
@@ -26,64 +25,6 @@ VERSION = 1
 
 class RunFileError(ValueError):
     """A file that is not a readable gradprobe run (foreign, truncated, corrupt, too new)."""
-
-
-def writable_path(path, what: str, example: str) -> Path:
-    """Check an output path up front, with a message that names it and says how to fix it."""
-    try:
-        p = Path(os.fspath(path)).expanduser()
-    except TypeError:
-        raise ValueError(f"{what} path must be a file name such as {example!r}, not {path!r}") from None
-    if p.is_dir():
-        raise ValueError(f"cannot write {what} to {p}: it is a directory; give a file name such as {p / example}")
-    if not p.parent.is_dir():
-        raise OSError(f"cannot write {what} to {p}: directory {p.parent} does not exist; create it first "
-                      "or choose another path")
-    return p
-
-
-def write_atomic(p: Path, data: bytes, what: str) -> None:
-    """Write via a temporary file and rename, so a failed write never leaves half a file at `p`."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".gradprobe-", suffix=".tmp", dir=p.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; runs and reports are meant to be shared
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as e:
-        raise OSError(f"cannot write {what} to {p}: {e.strerror or e}; choose a writable path") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-class Run(RunView):
-    """A run loaded from disk: the same read API as a live Probe (findings, figures, report...)."""
-
-    def __init__(self, tables: dict[str, pd.DataFrame], meta: dict, path: str | None = None):
-        self._tables = tables
-        self.meta = meta
-        self.path = path
-
-    def to_pandas(self) -> dict[str, pd.DataFrame]:
-        """Copies, so that editing them never changes the run (list cells are copied too)."""
-        out = {}
-        for name, df in self._tables.items():
-            df = df.copy()
-            for c in df.columns[df.dtypes == object]:
-                df[c] = df[c].map(lambda v: list(v) if isinstance(v, list) else v)
-            out[name] = df
-        return out
-
-    def __repr__(self) -> str:
-        from .run import describe
-        return f"<gradprobe.Run {self.path or '(not saved)'}: {describe(self._tables, self.meta)}>"
-
-    def __str__(self) -> str:
-        from .run import describe
-        return f"gradprobe run {self.path or '(not saved)'}: {describe(self._tables, self.meta)}"
 
 
 def _to_parquet(name: str, df: pd.DataFrame) -> bytes:
@@ -116,7 +57,10 @@ def _restore(name: str, df: pd.DataFrame, list_cols: set[str]) -> pd.DataFrame:
                               index=df.index, dtype=object)
     for c, dtype in TABLES.get(name, {}).items():
         if c in df.columns and str(df[c].dtype) != dtype:
-            df[c] = df[c].astype(dtype)
+            if dtype == STR:  # pandas < 3 has no str dtype: astype("str") would turn missing cells into "None"
+                df[c] = pd.Series(df[c].where(df[c].notna(), None).tolist(), index=df.index, dtype=dtype)
+            else:
+                df[c] = df[c].astype(dtype)
     return df
 
 
@@ -129,8 +73,9 @@ def _read_table(z: zipfile.ZipFile, member: str, name: str) -> pd.DataFrame:
     return _restore(name, table.to_pandas(), list_cols)
 
 
-def load(path) -> Run:
-    """Load a run saved by `probe.save(path)`. Raises FileNotFoundError or RunFileError (one line)."""
+def read_run(path) -> tuple[dict[str, pd.DataFrame], dict, str]:
+    """Tables, meta and path of a run saved by `probe.save(path)`. Raises FileNotFoundError or RunFileError
+    (one line)."""
     p = Path(os.fspath(path)).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"no such run file: {p}")
@@ -171,4 +116,4 @@ def load(path) -> Run:
         if magic.startswith(b"PK"):
             raise RunFileError(f"{p} is truncated or corrupt ({type(e).__name__}: {e}); save the run again") from None
         raise RunFileError(f"{p} is not a gradprobe run file (make one with probe.save(path))") from None
-    return Run(tables, head.get("meta") or {}, str(p))
+    return tables, head.get("meta") or {}, str(p)

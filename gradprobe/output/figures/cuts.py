@@ -1,0 +1,51 @@
+"""Where gradient flow was cut. Reads tables cuts; never findings."""
+
+from __future__ import annotations
+
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from .style import layout, empty_figure
+
+NAME = 'cuts'
+TABLES = ('cuts',)  # what draw() is given, in this order
+
+
+def draw(cuts: pd.DataFrame) -> go.Figure:
+    """Where flow stopped, by site and kind, with the parameters each cut kept gradient from."""
+    title = "Cuts: where a tensor that depended on trainable parameters left the graph"
+    if cuts.empty:
+        return empty_figure(title, "No cuts: no tensor that depended on a trainable tensor left the graph.")
+    d = cuts.assign(
+        site=cuts["site"].astype(object).fillna("(unknown site)"),
+        kind=cuts["kind"].astype(object).fillna("?"),
+        effective=cuts["effective"].fillna(False).astype(bool),
+        n=cuts["count"].fillna(1) if "count" in cuts else 1,
+    )
+    keys = ["site", "kind", "effective"]
+    g = d.groupby(keys, sort=False).agg(count=("n", "sum"), steps=("step", "nunique"))
+    mods = (d.dropna(subset=["module"]).groupby(keys, sort=False)["module"]
+            .agg(lambda m: ", ".join(dict.fromkeys(map(str, m)))))
+    up = (d[keys + ["upstream"]].explode("upstream").dropna(subset=["upstream"])
+          .groupby(keys, sort=False)["upstream"].agg(lambda u: list(dict.fromkeys(u))))
+    g = g.join(mods.rename("modules")).join(up.rename("upstream")).reset_index()
+    g = g.sort_values(["effective", "count"], ascending=[True, True], kind="stable")
+    fig = go.Figure()
+    for eff, label, colour in ((True, "cut a gradient a backward needed", "#d62828"),
+                               (False, "cut, but no backward would have used it", "#8d99ae")):
+        part = g[g["effective"] == eff]
+        if part.empty:
+            continue
+        hover = []
+        for r in part.itertuples():
+            ups = r.upstream if isinstance(r.upstream, list) else []
+            shown = ", ".join(ups[:20]) + (f" and {len(ups) - 20} more" if len(ups) > 20 else "")
+            hover.append(f"<b>{r.kind}</b> at {r.site}<br>module: {r.modules if isinstance(r.modules, str) else '-'}"
+                         f"<br>{r.count} cuts in {r.steps} steps<br>cut off: {shown or '-'}")
+        fig.add_trace(go.Bar(y=part["site"] + " · " + part["kind"], x=part["count"], orientation="h",
+                             name=label, marker_color=colour, hovertext=hover,
+                             hovertemplate="%{hovertext}<extra></extra>"))
+    fig.update_xaxes(title_text="times cut", dtick=1 if g["count"].max() <= 10 else None)
+    fig.update_yaxes(automargin=True)
+    return layout(fig, title, height=min(1200, 180 + 32 * len(g)))
