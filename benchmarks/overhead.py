@@ -24,7 +24,6 @@ Configurations: `default` = gp.Probe(model), `every=1` = gp.Probe(model, every=1
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -37,7 +36,9 @@ import torch
 import gradprobe as gp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import WORKLOADS, Skip  # noqa: E402
+from workloads import WORKLOADS, Skip, ddp_mlp  # noqa: E402
+
+EXTRA = {"ddp_mlp": ddp_mlp}  # run only when named: it initialises a process group
 
 CONFIGS = {  # name -> keyword arguments of gp.Probe besides the model
     "default": {},
@@ -70,7 +71,7 @@ def _probe_steps(probe):
 
 def measure(name, config, *, warmup, blocks, block, repeats, seed=0):
     torch.manual_seed(seed)
-    w = WORKLOADS[name]()
+    w = {**WORKLOADS, **EXTRA}[name]()
     k = block or w.block
     step = w.step
     probe = make_probe(w.model, config)
@@ -154,7 +155,7 @@ def command_line(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ",".join([*WORKLOADS, *EXTRA]))
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ",".join(CONFIGS))
     ap.add_argument("--blocks", type=int, help=f"block pairs per repetition (default {DEFAULTS['blocks']})")
     ap.add_argument("--block", type=int, help="iterations per block (default: the workload's own, 4-10)")
@@ -178,7 +179,7 @@ def main(argv=None):
             setattr(args, key, base[key])
     names = [n for n in args.workloads.split(",") if n]
     configs = [c for c in args.configs.split(",") if c]
-    bad = [n for n in names if n not in WORKLOADS] + [c for c in configs if c not in CONFIGS]
+    bad = [n for n in names if n not in WORKLOADS and n not in EXTRA] + [c for c in configs if c not in CONFIGS]
     if bad:
         ap.error(f"unknown workload/config {bad}; workloads: {list(WORKLOADS)}, configs: {list(CONFIGS)}")
 

@@ -301,3 +301,25 @@ def tiny200() -> Workload:
     data = [(torch.randn(16, 8), torch.randn(16, 8)) for _ in range(8)]
     return Workload(model, opt, _standard_step(model, opt, _cycle(data), F.mse_loss),
                     "100 x Linear(8, 8) (200 parameters), batch 16, SGD", block=10)
+
+
+def ddp_mlp() -> Workload:
+    """The MLP inside DistributedDataParallel(find_unused_parameters=True) in a one-process gloo group: what the
+    probe's DDP path costs (it compares every parameter's `.grad` before and after each backward). Not in
+    WORKLOADS (it initialises a process group); `overhead.py --workloads ddp_mlp` runs it."""
+    import socket
+
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        raise Skip("torch.distributed with gloo is not available")
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    w = mlp()
+    model = nn.parallel.DistributedDataParallel(w.model, find_unused_parameters=True)
+    data = [(torch.randn(64, 512), torch.randn(64, 512)) for _ in range(8)]
+    return Workload(model, w.optimizer, _standard_step(model, w.optimizer, _cycle(data), F.mse_loss),
+                    "MLP 5 x (Linear(512)+ReLU) in DDP(find_unused_parameters=True), 1-process gloo, batch 64",
+                    block=10)

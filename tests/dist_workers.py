@@ -225,3 +225,11 @@ if __name__ == "__main__":  # python tests/dist_workers.py SCENARIO OUT (quick m
     from test_distributed import free_port
 
     mp.spawn(main, args=(2, free_port(), sys.argv[1], sys.argv[2], {}), nprocs=2)
+
+
+def train_alone(rank: int) -> None:
+    """A spawned process that trains on its own (like Lightning's ddp_spawn workers): a probe in the parent
+    sees none of it."""
+    model = nn.Linear(4, 1)
+    for _ in range(2):
+        model(torch.randn(8, 4)).sum().backward()

@@ -136,6 +136,8 @@ def small_run() -> tuple[dict[str, pd.DataFrame], dict]:
         "weights": frame("weights", [dict(step=2, param="G.fc2.weight", status="nonfinite")]),
         "limits": frame("limits", [dict(step=1, what="thread", site="thread worker", note="ran in another thread",
                                         count=3)]),
+        "dist": frame("dist", [dict(rank=0, world_size=2, backend="gloo", wrapper="ddp", find_unused_parameters=True,
+                                    static_graph=False, gradient_as_bucket_view=None, bucket_cap_mb=25.0)]),
         "numerics": frame("numerics", [dict(step=3, phase="forward", module="G.fc2", type="Linear", op="linear",
                                             site="train.py:42", what="nan", inputs="finite")]),
         "findings": frame("findings", FINDINGS),
@@ -211,6 +213,7 @@ def big_run(n_steps: int = 10_000, n_params: int = 200) -> tuple[dict[str, pd.Da
         "weights": frame("weights", []),
         "limits": frame("limits", []),
         "numerics": frame("numerics", []),
+        "dist": frame("dist", []),
         "findings": frame("findings", FINDINGS[:1] + FINDINGS[4:5]),
     }
     return tables, {"torch": "2.13.0", "device": "cpu", "model": "MLP(100 layers)"}

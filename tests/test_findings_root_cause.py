@@ -275,3 +275,39 @@ def test_inplace_then_pytorch_raises_is_flagged_after_the_run():
     (f,) = of(probe, "inplace_saved")
     assert f.severity == "warning" and f.site == site_of("DETACH-WRITE") and f.nbytes == 2 * 3 * F32
     assert "Backward 0 raised that error" in f.message
+
+
+# --- notes about what the probe could not see: one per cause and region -----------------------------
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))  # INSIDE-1
+        h = torch.tanh(self.b(h))  # INSIDE-2
+        return h * 2
+
+
+def test_checkpoint_and_save_on_cpu_notes_are_one_per_region_not_per_line():
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    net = nn.Sequential(_Block(), _Block(), _Block())
+    with gp.Probe(net, every=1) as probe:
+        for _ in range(3):
+            x = torch.randn(4, 8, requires_grad=True)
+            h = checkpoint(net[0], x, use_reentrant=False)  # CKPT-A
+            h = checkpoint(net[1], h, use_reentrant=False)  # CKPT-B
+            with torch.autograd.graph.save_on_cpu():
+                h = net[2](h)  # OFFLOAD
+            h.sum().backward()
+    notes = of(probe, "saved_hooks_shadowed")
+    assert len(notes) == 3, [f.message for f in notes]  # two checkpoint calls, one save_on_cpu region
+    ckpt = {f.site: f.message for f in notes if "`checkpoint(...)` call" in f.message}
+    assert set(ckpt) == {site_of("CKPT-A"), site_of("CKPT-B")}
+    (offload,) = [f for f in notes if "save_on_cpu" in f.message]
+    # the lines of the region (torch 2.14 sees each op's line, 2.13 the module call): one note for them all
+    assert offload.site in {site_of("OFFLOAD"), site_of("INSIDE-1"), site_of("INSIDE-2")}
+    assert "steps 0, 1, 2" in offload.message and site_of("INSIDE-2") not in str(ckpt)
+    hooks = probe.to_pandas()["memory"].query("event == 'hooks_shadowed'")["hooks"]
+    assert set(hooks) == {"checkpoint", "save_on_cpu"}

@@ -218,6 +218,17 @@ def test_run_without_backward_says_what_was_not_recorded(tmp_path):
     assert "nothing looked wrong" not in probe._repr_html_()
 
 
+def test_training_in_spawned_processes_is_said_to_be_unseen():
+    """`with probe: trainer.fit()` under Lightning's ddp_spawn trains in other processes: the run says where
+    to put the probe instead of reporting nothing looked wrong."""
+    import torch.multiprocessing as mp
+    from tests.dist_workers import train_alone
+    with gp.Probe(MLP()) as probe:
+        mp.spawn(train_alone, nprocs=1, join=True)
+    text = probe.summary()
+    assert "no backward call ran" in text and "other processes" in text and "ddp_spawn" in text
+
+
 def test_track_nothing_says_so():
     torch.manual_seed(0)
     probe = _train(MLP(), steps=2, track=())

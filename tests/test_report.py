@@ -4,6 +4,7 @@ import ast
 import html
 import math
 import os
+import re
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -44,6 +45,8 @@ def small_html(tmp_path_factory):
 def test_plotlyjs_embedded_exactly_once(small_html):
     assert small_html.count(get_plotlyjs()) == 1
     assert small_html.count("Plotly.newPlot(") == len(FIGURES)
+    bundled = re.search(r"plotly\.js v(\d+\.\d+\.\d+)", get_plotlyjs()).group(1)  # the bundle's own banner
+    assert f"/* plotly.js {bundled} (embedded once" in small_html  # the comment names the JS, not plotly.py
 
 
 def test_nothing_fetched_from_the_network(small_html):

@@ -23,7 +23,7 @@ from .leaks import carried_in, leak_row
 from .memlog import BACKWARD, DROPPED, RETAINED, SavedLog
 from .memops import Inplace, after_op, inplace_write
 from .savedkinds import Kinds, arg_keys, key_of
-from .sites import site
+from .sites import checkpoint_region, site
 
 log = logging.getLogger("gradprobe")
 
@@ -222,14 +222,20 @@ class MemoryCollector:
     def on_data(self, t) -> None:
         self.path.on_data(t)
 
-    def shadowed_by(self, hook_id) -> None:
-        """Other saved_tensors_hooks (checkpoint, save_on_cpu) took this graph's saved tensors."""
+    def shadowed_by(self, pack) -> None:
+        """Other saved_tensors_hooks took this graph's saved tensors: checkpoint's (the region is the user's
+        `checkpoint(...)` call), save_on_cpu's or someone else's (the region is the line)."""
         p = self.probe
-        key = (p.step_idx, p.current_module(), hook_id)
+        owner = getattr(pack, "__module__", None) or ""
+        hooks = ("checkpoint" if owner == "torch.utils.checkpoint" else
+                 "save_on_cpu" if owner == "torch.autograd.graph" else "other")
+        key = (p.step_idx, p.current_module(), id(pack))
         if key not in self.shadowed:
             self.shadowed.add(key)
             mod = key[1]
-            self._event("hooks_shadowed", site=site(), note=None if mod is None else (mod or "the root module"))
+            where = (checkpoint_region(2) if hooks == "checkpoint" else None) or site()
+            self._event("hooks_shadowed", site=where, note=None if mod is None else (mod or "the root module"),
+                        hooks=hooks)
 
     # --- backward and steps -------------------------------------------------------
     def begin_backward(self, bw, roots) -> None:

@@ -100,7 +100,7 @@ class HookPath:
         if self.installed and not self.paused:
             top = _top()
             if top is not None and top[0] is not self.hooks[0]:
-                self.c.shadowed_by(id(top[0]))
+                self.c.shadowed_by(top[0])
 
     def op_names(self, grad_fn, start, end):
         """Rows start..end were saved by the nodes one op built (a composite op builds several): walk

@@ -137,7 +137,7 @@ class NodePath:
         if names:
             top = _C._top_saved_tensors_default_hooks(False)
             if top is not None:
-                c.shadowed_by(id(top[0]))
+                c.shadowed_by(top[0])
             else:
                 lg = c.log
                 start = len(lg)

@@ -172,6 +172,20 @@ def checkpoint_call(depth: int = 1):
     return None
 
 
+def checkpoint_region(depth: int = 1) -> str | None:
+    """Inside `torch.utils.checkpoint` (any schedule): the site of the user's outermost `checkpoint(...)` call
+    (through frameworks such as transformers, the user's line that called into them); else None."""
+    f = sys._getframe(depth)
+    ckpt = _TORCH + "utils" + os.sep + "checkpoint.py"
+    outer = None
+    while f is not None:
+        if f.f_code.co_filename.endswith("checkpoint.py") and os.path.abspath(f.f_code.co_filename) == ckpt:
+            outer = f
+        f = f.f_back
+    g = None if outer is None else _first_user(outer.f_back)
+    return None if g is None else _where(g)
+
+
 def user_frame(depth: int = 1):
     """(filename, lineno) of the innermost frame outside torch, gradprobe, contextlib and warnings, or None
     (frameworks' frames count: a warning goes where it would point without the probe)."""

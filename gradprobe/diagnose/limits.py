@@ -3,6 +3,8 @@ saved_tensors_hooks). Pure pandas."""
 
 from __future__ import annotations
 
+import pandas as pd
+
 from ..tables.counts import last_step
 from ..text import span
 
@@ -30,20 +32,37 @@ def probe_limits(tables: dict, found: list[dict]) -> list[dict]:
     return rows
 
 
+_HOOKS_TEXT = {
+    "checkpoint": ("the `checkpoint(...)` call at {where}", "torch.utils.checkpoint's saved_tensors_hooks",
+                   "checkpointing is for"),
+    "save_on_cpu": ("{where}", "torch.autograd.graph.save_on_cpu's saved_tensors_hooks", "offloading is for"),
+    "other": ("{where}", "other saved_tensors_hooks", "those hooks are for"),
+}
+
+
 def saved_hooks_shadowed(tables: dict, found: list[dict]) -> list[dict]:
+    """One note per cause and region: per `checkpoint(...)` call (not per line inside the checkpointed block),
+    and one for save_on_cpu or other hooks, naming the lines."""
     mem = tables.get("memory")
     if mem is None or mem.empty:
         return []
     sh = mem[mem["event"] == "hooks_shadowed"]
+    if sh.empty:
+        return []
+    hooks = sh["hooks"].astype(object).fillna("other") if "hooks" in sh else pd.Series("other", index=sh.index)
+    sites = sh["site"].astype(object).fillna("?")
+    region = sites.where(hooks == "checkpoint", "")  # a checkpoint call is a region; other hooks: one per kind
     rows = []
-    for where, g in sh.groupby(sh["site"].astype(object).fillna("?"), sort=False):
+    for (kind, _), g in sh.groupby([hooks, region], sort=False):
+        lines = list(dict.fromkeys(sites[g.index]))
+        where = ", ".join(lines[:3]) + (f" and {len(lines) - 3} more lines" if len(lines) > 3 else "")
+        at, whose, purpose = _HOOKS_TEXT.get(kind, _HOOKS_TEXT["other"])
         mods = sorted(set(g["note"].dropna()))
         inside = f" (in {', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''})" if mods else ""
-        rows.append({"kind": "saved_hooks_shadowed", "severity": "info", "site": where, "nbytes": None,
+        rows.append({"kind": "saved_hooks_shadowed", "severity": "info", "site": lines[0], "nbytes": None,
                      "step": int(g["step"].min()), "params": [],
-                     "message": f"At {where}{inside} other saved_tensors_hooks (torch.utils.checkpoint, "
-                                f"torch.autograd.graph.save_on_cpu) were active in {span(g['step'], 'step', last_step(tables))} and "
-                                "took the saved tensors instead of gradprobe: those are missing from the saved "
-                                "table, so saved bytes there are a lower bound (usually fine: that is what "
-                                "checkpointing and offloading are for)."})
+                     "message": f"Under {at.format(where=where)}{inside}, {whose} took the tensors saved for "
+                                f"backward in {span(g['step'], 'step', last_step(tables))} instead of gradprobe: "
+                                "they are missing from the saved table, so saved bytes there are a lower bound "
+                                f"(usually fine: that is what {purpose})."})
     return rows

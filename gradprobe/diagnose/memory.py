@@ -114,7 +114,13 @@ def retain_graph(tables: dict, found: list[dict]) -> list[dict]:
             continue  # an optimizer step, zero_grad or other work between the backwards: retain_graph is needed
         first = g.iloc[0]
         nbytes = int(g["retained_bytes"].max())
-        calls = f"{len(g)} backward calls ({span(g['step'], 'step', last_step(tables))})" if len(g) > 1 else f"backward {first['backward']}"
+        many = len(g) > 1
+        calls = (f"{len(g)} backward calls ({span(g['step'], 'step', last_step(tables))})" if many
+                 else f"backward {first['backward']}")
+        at_site = bw[(bw["site"].astype(object) == where) & bw["retain_graph"].astype(bool)
+                     & ~bw["create_graph"].astype(bool)]
+        if len(at_site) > len(g):  # retain_graph is known for every backward, the memory only where sampled
+            calls = f"{len(at_site)} backward calls with retain_graph=True here, of which the measured {calls}"
         calls += sampled_steps(tables)
         if what == "unneeded":
             held = g["retained_until"] - g["t"] - g["duration"].fillna(0)
@@ -127,9 +133,15 @@ def retain_graph(tables: dict, found: list[dict]) -> list[dict]:
             saving = g["retain_saving_bytes"].max()
             peak = (f" Without it the peak of saved tensors in that time would have been {human(saving)} lower."
                     if pd.notna(saving) and saving > 0 else "")
+            if many:
+                kept = (f"each kept up to {human(nbytes)} of saved tensors alive after its backward"
+                        f"{how_long.replace(' for ', ' (for up to ')}{')' if how_long else ''}; the first until "
+                        f"{until}.")
+            else:
+                kept = f"it kept {human(nbytes)} of saved tensors alive{how_long} after the backward, until {until}."
             msg = (f"{where}: {calls} used retain_graph=True, but no later backward went through the retained "
-                   f"graph: it kept {human(nbytes)} of saved tensors alive{how_long} after the backward, until "
-                   f"{until}.{peak} Remove retain_graph=True: a loss computed by a new forward has its own graph.")
+                   f"graph{'s' if many else ''}: {kept}{peak} Remove retain_graph=True: a loss computed by a new forward has its own "
+                   "graph.")
             rows.append({"kind": "retain_graph_unneeded", "severity": "warning", "message": msg, "site": where,
                          "nbytes": nbytes, "step": int(first["step"]), "params": []})
         else:
@@ -140,8 +152,11 @@ def retain_graph(tables: dict, found: list[dict]) -> list[dict]:
             peak = (f"; the peak of saved tensors would be {human(saving)} lower" if pd.notna(saving) and saving > 0
                     else "; the overall peak of saved tensors stays the same (the forward that built the graph "
                          "is the peak), but the graph is walked once instead of twice")
-            msg = (f"{where}: {calls} kept the graph with retain_graph=True for backward {later}{at}, right after "
-                   f"it and through the same graph ({human(nbytes)} held in between), with no optimizer step, "
+            nxt = (f"each for the very next backward through the same graph (the first: backward {later}{at}), up to "
+                   f"{human(nbytes)} held in between" if many else
+                   f"for backward {later}{at}, right after it and through the same graph ({human(nbytes)} held in "
+                   "between)")
+            msg = (f"{where}: {calls} kept the graph with retain_graph=True {nxt}, with no optimizer step, "
                    f"zero_grad or other backward in between. Two losses from one forward: "
                    f"`(loss1 + loss2).backward()` gives the same gradients in one pass and frees the graph at once"
                    f"{peak}.")

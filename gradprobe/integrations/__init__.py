@@ -84,6 +84,6 @@ def rank_path(report: str, rank: int) -> str:
 
 def merge_ranks(paths: list[str], report: str) -> str:
     """Rank 0, after every rank saved its run: one report from all of them (a `rank` column in every
-    table, findings aggregated across ranks). LEAD: the one call into the merging API (gp.load([...]))."""
+    table, findings aggregated across ranks)."""
     import gradprobe as gp
     return gp.load(paths).report(report)

@@ -173,8 +173,7 @@ def summary_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
 
 def build_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
     """The whole report page as a string."""
-    import plotly
-    from plotly.offline import get_plotlyjs
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
     figs = make_figures(tables, meta)
     parts = []
@@ -195,7 +194,7 @@ def build_html(tables: dict[str, pd.DataFrame], meta: dict) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>gradprobe report</title>
 <style>{CSS}</style>
-<script type="text/javascript">/* plotly.js {plotly.__version__} (embedded once: the report works offline) */
+<script type="text/javascript">/* plotly.js {get_plotlyjs_version()} (embedded once: the report works offline) */
 {get_plotlyjs()}</script>
 </head><body>
 <h1>gradprobe report</h1>

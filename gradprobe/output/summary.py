@@ -101,8 +101,10 @@ def not_recorded(tables: dict, meta: dict) -> list[str]:
             why += (" in the thread that entered it; a backward ran in another thread"
                     + (f" ({site.iloc[0]})" if len(site) else "") + ", which the probe does not observe.")
         else:
-            why += (" (call .backward() inside `with probe:` or the decorated function; "
-                    "backwards in other threads are not observed).")
+            why += (" (call .backward() inside `with probe:` or the decorated function; backwards in other "
+                    "threads are not observed, nor in other processes: with Lightning's ddp_spawn or "
+                    "torch.multiprocessing, use gradprobe.integrations.lightning.GradProbe or make the probe "
+                    "inside the worker).")
         out.append(why)
         return out
     if track is not None and len(track):

@@ -28,6 +28,7 @@ FREED_BY = ("alive", "backward", "retained", "graph_dropped")  # in the order of
 EVENT = ("enter", "exit", "forward", "backward_begin", "backward_end", "step_end", "hooks_shadowed", "recompute",
          "memory_off", "now")
 LEAK_CAUSE = ("carried", "accumulation", "create_graph", "retain_graph", "reference")
+HOOKS = ("checkpoint", "save_on_cpu", "other")
 SEVERITY = ("error", "warning", "info")
 FINDING_KIND = ("no_gradient", "detach_cut", "backward_error", "nonfinite_grad", "nonfinite_weights",
                 "amp_skipped_step", "inplace_saved", "retain_graph_unneeded", "retain_graph_avoidable",
@@ -36,6 +37,7 @@ VALUES: dict[tuple[str, str], tuple[str, ...]] = {
     ("params", "status"): STATUS, ("params", "cause"): CAUSE, ("modules", "status"): STATUS,
     ("weights", "status"): STATUS, ("cuts", "kind"): CUT_KIND, ("saved", "kind"): SAVED_KIND,
     ("saved", "freed_by"): FREED_BY, ("memory", "event"): EVENT, ("memory", "leak_cause"): LEAK_CAUSE,
+    ("memory", "hooks"): HOOKS,
     ("findings", "severity"): SEVERITY, ("findings", "kind"): FINDING_KIND,
 }
 
@@ -120,6 +122,7 @@ TABLES: dict[str, dict[str, str]] = {
         "leaked_graphs": NINT, "leaked_nodes": NINT,  # step_end: graphs of earlier steps still alive
         "leaked_bytes": NINT,  # their saved bytes (activations and inputs)
         "leak_site": STR, "leak_cause": STR,  # accumulation (op joining steps) | retain_graph | reference
+        "hooks": STR,  # hooks_shadowed: whose saved_tensors_hooks took the tensors: checkpoint | save_on_cpu | other
     },
     "steps": {  # one row per finished step (and one per optimizer step a GradScaler skipped)
         "step": INT, "detail": BOOL,  # detail: the schedule captured this step in full

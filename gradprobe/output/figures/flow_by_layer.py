@@ -55,7 +55,7 @@ def draw(params: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Scatter(x=names[idx], y=[label] * len(idx), mode="markers", name=label,
                                  marker=dict(color=colour, symbol=symbol, size=11, line=dict(width=2, color=colour)),
                                  hovertext=text, hovertemplate="%{hovertext}<extra></extra>"), row=2, col=1)
-    fig.update_yaxes(type="log", title_text="‖grad‖ (log)", row=1, col=1)
+    fig.update_yaxes(type="log", dtick="D2", title_text="‖grad‖ (log)", row=1, col=1)  # 1, 2, 5 per decade: no clutter
     if agg["count"].fillna(0).sum() == 0:
         fig.add_annotation(text="No parameter received a finite, non-zero gradient in any backward "
                                 "(the strip below says what happened instead).",
