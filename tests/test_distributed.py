@@ -186,6 +186,8 @@ def test_ddp_check_predicts_marked_ready_twice(tmp_path):
     assert res.ready_twice == ["layer.weight", "layer.bias"] and not res.unused
     (f,) = res.findings
     assert f.kind == "ddp_ready_twice" and "use_reentrant=False" in f.message
+    from gradprobe.tables.schema import FINDING_KIND
+    assert f.kind in FINDING_KIND  # documented with the other finding kinds
     assert os.path.basename(__file__) in f.site and "raises RuntimeError" in f.message
     assert "Expected to mark a variable ready only once" in f.message
     raised = [r["raised"] for r in spawn(tmp_path, "ddp_checkpoint_twice", pre=True)]

@@ -32,7 +32,8 @@ HOOKS = ("checkpoint", "save_on_cpu", "other")
 SEVERITY = ("error", "warning", "info")
 FINDING_KIND = ("no_gradient", "detach_cut", "backward_error", "nonfinite_grad", "nonfinite_weights",
                 "amp_skipped_step", "inplace_saved", "retain_graph_unneeded", "retain_graph_avoidable",
-                "graph_leak", "unused_graph", "saved_hooks_shadowed", "probe_limit", "ddp_unused")
+                "graph_leak", "unused_graph", "saved_hooks_shadowed", "probe_limit", "ddp_unused",
+                "ddp_ready_twice")
 VALUES: dict[tuple[str, str], tuple[str, ...]] = {
     ("params", "status"): STATUS, ("params", "cause"): CAUSE, ("modules", "status"): STATUS,
     ("weights", "status"): STATUS, ("cuts", "kind"): CUT_KIND, ("saved", "kind"): SAVED_KIND,
