@@ -311,3 +311,22 @@ def test_memory_figures_draw_leaks_and_unused_graphs_from_the_tables_not_the_fin
     ends = t["memory"][(t["memory"]["event"] == "step_end") & (t["memory"]["leaked_graphs"].fillna(0) > 0)]
     assert len(leaks) == 1 and len(ends) and list(leaks[0].x) == [s + 0.999 for s in ends["step"]]
     assert any(f.kind == "graph_leak" for f in probe.findings)
+
+
+def test_the_deliberate_gan_detach_is_not_painted_as_an_error():
+    """The cuts figure: a GAN's `D(fake.detach())` cuts G off in D's backward while G trains in its own, so
+    it is drawn as deliberate (blue), not as a cut a backward needed (red)."""
+    torch.manual_seed(0)
+    G, D = nn.Linear(4, 6), nn.Linear(6, 1)
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.01)
+    with gp.Probe({"G": G, "D": D}) as probe:
+        for _ in range(3):
+            fake = G(torch.randn(8, 4))
+            opt_d.zero_grad()
+            D(fake.detach()).mean().backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-D(fake).mean()).backward()
+            opt_g.step()
+    bars = {t.name: list(t.x) for t in make_figures(probe.to_pandas(), probe.meta)["cuts"].data}
+    assert bars == {"cut in one backward, trained by another (as in a GAN)": [3]}

@@ -33,7 +33,8 @@ CAPTIONS = {
                 "and coloured by what reached each module.",
     "cuts": "Lines where a tensor that depended on trainable parameters left the autograd graph "
             "(.detach(), .data, no_grad, .item(), argmax, ...). Red: a backward would have sent gradient "
-            "through it. Hover for the parameters it cut off.",
+            "through it; blue: the parameters it cut off trained in another backward (a GAN's "
+            "discriminator step). Hover for the parameters it cut off.",
     "saved_memory": "Tensors kept alive for backward, by kind (activation / parameter / input), module and op.",
     "memory_timeline": "Bytes held by saved tensors and by the process over time; markers are findings at their step.",
     "no_grad_retain": "Bytes still held after a backward because of retain_graph=True, and graphs that no "

@@ -1,7 +1,6 @@
-"""Where gradient flow was cut. Reads tables cuts; never findings."""
+"""Where gradient flow was cut. Reads tables cuts, params; never findings."""
 
 from __future__ import annotations
-
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -9,10 +8,10 @@ import plotly.graph_objects as go
 from .style import layout, empty_figure
 
 NAME = 'cuts'
-TABLES = ('cuts',)  # what draw() is given, in this order
+TABLES = ('cuts', 'params')  # what draw() is given, in this order
 
 
-def draw(cuts: pd.DataFrame) -> go.Figure:
+def draw(cuts: pd.DataFrame, params: pd.DataFrame | None = None) -> go.Figure:
     """Where flow stopped, by site and kind, with the parameters each cut kept gradient from."""
     title = "Cuts: where a tensor that depended on trainable parameters left the graph"
     if cuts.empty:
@@ -30,11 +29,17 @@ def draw(cuts: pd.DataFrame) -> go.Figure:
     up = (d[keys + ["upstream"]].explode("upstream").dropna(subset=["upstream"])
           .groupby(keys, sort=False)["upstream"].agg(lambda u: list(dict.fromkeys(u))))
     g = g.join(mods.rename("modules")).join(up.rename("upstream")).reset_index()
+    # a cut whose parameters all got gradients from another backward (a GAN's discriminator step) is deliberate
+    trained = set() if params is None or params.empty else set(
+        params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"].unique())
+    g["group"] = [("deliberate" if isinstance(u, list) and u and all(x in trained for x in u) else "needed")
+                  if e else "unused" for e, u in zip(g["effective"], g["upstream"])]
     g = g.sort_values(["effective", "count"], ascending=[True, True], kind="stable")
     fig = go.Figure()
-    for eff, label, colour in ((True, "cut a gradient a backward needed", "#d62828"),
-                               (False, "cut, but no backward would have used it", "#8d99ae")):
-        part = g[g["effective"] == eff]
+    for group, label, colour in (("needed", "cut a gradient a backward needed", "#d62828"),
+                                 ("deliberate", "cut in one backward, trained by another (as in a GAN)", "#457b9d"),
+                                 ("unused", "cut, but no backward would have used it", "#8d99ae")):
+        part = g[g["group"] == group]
         if part.empty:
             continue
         hover = []
