@@ -15,12 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .capture.sites import site
-from .diagnose.distributed import ERR_TWICE, ddp_consequence
-
-try:
-    from .diagnose.finding import Finding
-except ImportError:  # before the diagnose/ package existed
-    from .finding import Finding
+from .diagnose.distributed import ERR_TWICE, ddp_consequence, unused_rows
+from .diagnose.finding import Finding
 
 
 @dataclass
@@ -150,22 +146,10 @@ def _silent(name: str, order: list, counts: dict) -> bool:
 
 def _result(tables: dict, counts: dict, order: list) -> DDPCheckResult:
     res = DDPCheckResult()
-    params, backward = tables["params"], tables["backward"]
-    bw_site = backward["site"].dropna().iloc[0] if len(backward["site"].dropna()) else None
-    none = params[params["status"] == "none"]
-    why = {"not_used": "their module never ran in forward",
-           "not_in_graph": "their module ran in forward but nothing of it reached the loss"}
-    for (cause, where), g in none.groupby(["cause", "site"], dropna=False, sort=False):
-        names = list(g["param"].unique())
-        res.unused += names
-        cause = None if cause != cause else cause
-        line = None if where != where else where
-        reason = why.get(cause) or f"flow stopped by {cause} at {line}"
-        at = line or bw_site
-        res.findings.append(Finding(
-            kind="ddp_unused", severity="error", site=at, params=names,
-            message=f"{', '.join(f'`{n}`' for n in names)} got no gradient ({reason}; backward at {bw_site})."
-                    + ddp_consequence(None, None)))
+    for r in unused_rows(tables, ddp_consequence(None, None), under="", shown=None):
+        res.unused += r["params"]
+        res.findings.append(Finding(kind=r["kind"], severity=r["severity"], site=r["site"], params=r["params"],
+                                    message=r["message"]))
     twice = {n: s for n, s in counts.items() if len(s) > 1}
     by_sites: dict = {}
     for n, s in twice.items():

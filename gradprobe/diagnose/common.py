@@ -8,6 +8,12 @@ from ..tables.counts import step_counts
 from ..text import is_missing
 
 
+CAUSE_TEXT = {  # why parameters got no gradient, for the causes that are not a cut
+    "not_in_graph": "their module ran in forward but nothing of it reached the loss",
+    "not_used": "their module never ran in forward",
+}
+
+
 def listed(params: list[str], shown: int = 1) -> str:
     """`a`, or `a` and 3 more."""
     head = ", ".join(f"`{p}`" for p in params[:shown])

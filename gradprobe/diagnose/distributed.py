@@ -9,13 +9,11 @@ when `no_gradient` already names these parameters, its row gets the DDP conseque
 
 from __future__ import annotations
 
+from ..text import is_missing
+from .common import CAUSE_TEXT, listed
+
 ERR_UNUSED = "Expected to have finished reduction in the prior iteration before starting a new one"
 ERR_TWICE = "Expected to mark a variable ready only once"
-
-
-def _listed(names: list[str], shown: int = 2) -> str:
-    head = ", ".join(f"`{n}`" for n in names[:shown])
-    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def ddp_consequence(find_unused: bool | None, world_size: int | None) -> str:
@@ -47,30 +45,37 @@ def distributed_findings(tables: dict, found: list | None = None) -> list[dict]:
     find_unused = bool(row["find_unused_parameters"]) if "find_unused_parameters" in ddp else None
     world = int(row["world_size"]) if "world_size" in ddp else None
     rank = int(row["rank"]) if "rank" in ddp else None
-    got = set(params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"].unique())
-    none = params[(params["status"] == "none") & ~params["param"].isin(got)]
-    if none.empty:
-        return []
-    backward = tables.get("backward")
-    rows: list[dict] = []
     text = ddp_consequence(find_unused, world)
     if not find_unused and rank is not None:
         text = f" On rank {rank}, with find_unused_parameters=False:" + text
+    return unused_rows(tables, text, found)
+
+
+def unused_rows(tables: dict, text: str, found: list | None = None, under: str = " under DDP",
+                shown: int | None = 2) -> list[dict]:
+    """`ddp_unused` rows for the parameters no backward of the run gave a gradient, one per cause and line, each
+    ending with `text` (what DDP does about them); where a `no_gradient` row of `found` already names them, that
+    row gets `text` instead (one finding per root cause). `shown`: names written out (None: all)."""
+    params, backward = tables["params"], tables.get("backward")
+    got = set(params.loc[params["status"].isin(["flow", "zero", "nonfinite"]), "param"].unique())
+    none = params[(params["status"] == "none") & ~params["param"].isin(got)]
+    rows: list[dict] = []
     for (cause, where), g in none.groupby(["cause", "site"], dropna=False, sort=False):
         names = list(g["param"].unique())
-        same = [x for x in (found or []) if x.get("kind") == "no_gradient" and set(names) <= set(x.get("params") or [])]
-        site = None if where != where else where
-        if site is None and backward is not None and not backward.empty:
+        where = None if is_missing(where) else where
+        at = None  # the line of the backward(s) that left them without a gradient
+        if backward is not None and not backward.empty:
             b = backward[backward["backward"].isin(g["backward"].unique())]["site"].dropna()
-            site = b.iloc[0] if len(b) else None
+            at = b.iloc[0] if len(b) else None
+        site = where or at
+        same = [x for x in (found or []) if x.get("kind") == "no_gradient" and set(names) <= set(x.get("params") or [])]
         if same:
             same[0]["message"] += text
             same[0]["site"] = same[0].get("site") or site
             continue
-        why = {"not_used": "their module never ran in forward",
-               "not_in_graph": "their module ran in forward but nothing of it reached the loss"}.get(
-            cause if cause == cause else None, f"flow stopped by {cause}")
+        why = CAUSE_TEXT.get(None if is_missing(cause) else cause) or f"flow stopped by {cause} at {where}"
         rows.append({"kind": "ddp_unused", "severity": "error", "site": site, "step": int(g["step"].min()),
                      "params": names, "nbytes": None,
-                     "message": f"{_listed(names)} got no gradient under DDP ({why}; backward at {site})." + text})
+                     "message": f"{listed(names, shown or len(names))} got no gradient{under} ({why}; backward at "
+                                f"{at})." + text})
     return rows

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from ..tables.causes import cause_of, cut_label
 from ..text import is_missing, records, span
-from .common import col, listed, module_label, sampled_note
+from .common import CAUSE_TEXT, col, listed, module_label, sampled_note
 
-_CAUSE_TEXT = {
-    "not_in_graph": "their module ran in forward but nothing of it reached the loss",
-    "not_used": "their module never ran in forward",
-}
 _CHECKPOINT_FIX = ("none of the tensors passed to the reentrant `checkpoint(...)` at {site} requires grad, so "
                    "PyTorch cannot recompute its gradients and the parameters inside get none (the HF/peft pitfall "
                    "with frozen embeddings). Fix: `checkpoint(..., use_reentrant=False)`, or make an input require "
@@ -103,8 +99,8 @@ def no_gradient(tables: dict, found: list[dict]) -> list[dict]:
         severity = "error" if never else "info"
         cause = None if is_missing(cause) else cause
         where = None if is_missing(where) else where
-        if cause in _CAUSE_TEXT:
-            why = _CAUSE_TEXT[cause]
+        if cause in CAUSE_TEXT:
+            why = CAUSE_TEXT[cause]
         elif cause == "reentrant_checkpoint":
             why = _CHECKPOINT_FIX.format(site=where)
         else:
