@@ -1,6 +1,6 @@
 """Load a saved run with torch unimportable and print what a user reads from it, as canonical JSON.
 
-    python tests/lowest_pandas.py RUN.gprobe REPORT.html
+    python tests/lowest_pandas.py RUN.gprobe[,RUN2.gprobe...] REPORT.html   (several: merged as ranks)
 
 Run by tests/test_lowest_pandas.py under the lowest pandas/pyarrow/plotly that pyproject allows (the
 venv `make venv-lowest` builds, without torch), and compared there with the same output of the live probe.
@@ -51,7 +51,8 @@ def _import_gradprobe_without_torch():
 
 
 def main(run_path: str, report_path: str) -> None:
-    run = _import_gradprobe_without_torch().load(run_path)
+    paths = run_path.split(",")
+    run = _import_gradprobe_without_torch().load(paths if len(paths) > 1 else paths[0])
     import pandas as pd
     import plotly
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..diagnose.finding import severity_rank, sort_findings
-from ..tables.schema import TABLES, empty, frame
+from ..tables.schema import TABLES, conform, empty, frame
 from ..text import is_missing
 
 
@@ -122,10 +122,7 @@ def _concat(name: str, per: list[tuple[int, pd.DataFrame]]) -> pd.DataFrame:
     if not full:
         return frames[0].reindex(columns=cols)
     out = pd.concat(full, ignore_index=True).reindex(columns=cols)
-    for c, dtype in TABLES.get(name, {}).items():  # a column missing on one rank must not change a dtype
-        if c in out.columns and str(out[c].dtype) != dtype:
-            out[c] = out[c].astype(dtype)
-    return out
+    return conform(name, out)  # a column missing on one rank must not change a dtype
 
 
 def merge_findings(per: list[tuple[int, pd.DataFrame]], say_ranks: bool = True) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from .files import writable_path, write_atomic
-from ..tables.schema import LIST, STR, TABLES, empty
+from ..tables.schema import LIST, TABLES, conform, empty
 
 FORMAT = "gradprobe-run"
 VERSION = 1
@@ -55,13 +55,7 @@ def _restore(name: str, df: pd.DataFrame, list_cols: set[str]) -> pd.DataFrame:
         if c in list_cols:
             df[c] = pd.Series([v.tolist() if hasattr(v, "tolist") else v for v in df[c]],
                               index=df.index, dtype=object)
-    for c, dtype in TABLES.get(name, {}).items():
-        if c in df.columns and str(df[c].dtype) != dtype:
-            if dtype == STR:  # pandas < 3 has no str dtype: astype("str") would turn missing cells into "None"
-                df[c] = pd.Series(df[c].where(df[c].notna(), None).tolist(), index=df.index, dtype=dtype)
-            else:
-                df[c] = df[c].astype(dtype)
-    return df
+    return conform(name, df)
 
 
 def _read_table(z: zipfile.ZipFile, member: str, name: str) -> pd.DataFrame:

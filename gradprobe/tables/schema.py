@@ -162,6 +162,19 @@ TABLES: dict[str, dict[str, str]] = {
 }
 
 
+def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Reapply the schema's dtypes to the columns `df` has (a table read from a file or concatenated from
+    ranks), in place; text keeps its missing values on every pandas (pandas < 3's astype("str") would write
+    them as "None")."""
+    for c, dtype in TABLES.get(table, {}).items():
+        if c in df.columns and str(df[c].dtype) != dtype:
+            if dtype == STR:
+                df[c] = pd.Series(df[c].where(df[c].notna(), None).tolist(), index=df.index, dtype=dtype)
+            else:
+                df[c] = df[c].astype(dtype)
+    return df
+
+
 def empty(table: str) -> pd.DataFrame:
     """An empty frame with the table's columns and dtypes."""
     return frame(table, [])
