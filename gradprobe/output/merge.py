@@ -185,8 +185,10 @@ def _merge_meta(runs, ranks: list[int]) -> dict:
     return meta
 
 
-def n_ranks(df: pd.DataFrame | None) -> int:
-    """How many ranks a (merged) table holds rows of; 1 for a single rank's table."""
-    if df is None or "rank" not in df.columns or df.empty:
-        return 1
-    return int(df["rank"].nunique())
+def merged_ranks(meta: dict | None, backward: pd.DataFrame | None) -> list[int]:
+    """The ranks of a run merged from many ranks (its meta's `ranks`, else the backward table's `rank`
+    column); [] for one rank's run."""
+    ranks = (meta or {}).get("ranks")
+    if not isinstance(ranks, list) and backward is not None and "rank" in backward:
+        ranks = sorted(backward["rank"].unique().tolist())
+    return [int(r) for r in ranks] if isinstance(ranks, list) and len(ranks) > 1 else []

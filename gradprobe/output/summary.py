@@ -11,6 +11,7 @@ import pandas as pd
 from ..diagnose.finding import findings_from_table
 from ..tables.counts import step_counts
 from ..text import human_bytes, plural, with_source
+from .merge import merged_ranks
 
 KIND_ORDER = ("activation", "cast", "parameter", "buffer", "input")
 FREEABLE = ("activation", "cast")  # what torch.no_grad() would not have saved
@@ -118,14 +119,6 @@ def not_recorded(tables: dict, meta: dict) -> list[str]:
     return out
 
 
-def _ranks(meta: dict, backward: pd.DataFrame) -> list[int]:
-    """The ranks of a run merged from many ranks (output/merge.py); [] for one rank's run."""
-    ranks = (meta or {}).get("ranks")
-    if not isinstance(ranks, list) and "rank" in backward:
-        ranks = sorted(backward["rank"].unique().tolist())
-    return [int(r) for r in ranks] if isinstance(ranks, list) and len(ranks) > 1 else []
-
-
 def _backward_calls(backward: pd.DataFrame, ranks: list[int]) -> str:
     if not ranks:
         return plural(len(backward), "backward call")
@@ -152,7 +145,7 @@ def _status_counts(params: pd.DataFrame, ranks: list[int]) -> list[str]:
 def summarize(tables: dict, meta: dict) -> str:
     params, backward = _get(tables, "params"), _get(tables, "backward")
     n_steps, n_detail = step_counts(tables)
-    ranks = _ranks(meta, backward)
+    ranks = merged_ranks(meta, backward)
     detail = f" ({n_detail} in full detail)" if n_detail and n_detail != n_steps else ""
     on = f"{len(ranks)} ranks ({', '.join(map(str, ranks))}); " if ranks else ""
     lines = [f"gradprobe run: {on}{plural(n_steps, 'step')}{detail}, {_backward_calls(backward, ranks)}; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from ..merge import merged_ranks
 from . import branches, cuts, flow_by_layer, flow_over_time, memory_timeline, no_grad_retain, saved_memory
 
 FIGURES = (flow_by_layer, flow_over_time, branches, cuts, saved_memory, memory_timeline, no_grad_retain)  # reading order
@@ -18,7 +19,7 @@ FIGURES = (flow_by_layer, flow_over_time, branches, cuts, saved_memory, memory_t
 def make_figures(tables: dict[str, pd.DataFrame], meta: dict | None = None) -> dict[str, go.Figure]:
     """All report figures, keyed by name, in reading order."""
     empty = pd.DataFrame()
-    ranks = _ranks(tables)
+    ranks = merged_ranks(meta, tables.get("backward"))
     if len(ranks) > 1:  # a merged run: per-step and per-backward pictures of one rank, never two mixed
         first = ranks[0]
         tables = {k: v[v["rank"] == first] if "rank" in v else v for k, v in tables.items()}
@@ -29,10 +30,3 @@ def make_figures(tables: dict[str, pd.DataFrame], meta: dict | None = None) -> d
                                        f"{', '.join(map(str, ranks))} (the tables hold every rank)")
     return figs
 
-
-def _ranks(tables: dict[str, pd.DataFrame]) -> list[int]:
-    found: set[int] = set()
-    for df in tables.values():
-        if "rank" in df and len(df):
-            found |= set(int(r) for r in df["rank"].dropna().unique())
-    return sorted(found)
