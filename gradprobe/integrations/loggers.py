@@ -23,6 +23,8 @@ import weakref
 
 import numpy as np
 
+from ..tables.memory import Timeline
+
 PREFIX = "gradprobe/"
 
 
@@ -84,8 +86,8 @@ class StepReader:
 
     def _peaks(self, steps: list) -> dict:
         """Peak live saved-for-backward bytes of detail steps (the memory table's `live_saved_bytes`
-        accounting: bytes once per storage from its first save to its release), from the memory log's
-        arrays with numpy: no table is built."""
+        accounting and Timeline: bytes once per storage from its first save to its release), from the
+        memory log's arrays: no table is built."""
         lg = getattr(self.probe.memory, "log", None)
         if not steps or lg is None or not len(lg.s_nbytes):
             return {}
@@ -100,12 +102,8 @@ class StepReader:
             a = t0[mine].min()
             ends = t1[mine]
             b = max(t0[mine].max(), ends[np.isfinite(ends)].max(initial=a))
-            sel = (t1 > a) & (t0 <= b)
-            ts = np.concatenate([np.maximum(t0[sel], a), t1[sel]])
-            ds = np.concatenate([nb[sel], -nb[sel]])
-            order = np.lexsort((ds, ts))  # at equal times releases first, as the memory table
-            live = np.cumsum(ds[order])[ts[order] <= b]
-            out[s] = int(live.max()) if len(live) else 0
+            sel = (t1 > a) & (t0 <= b)  # storages live at some time in [a, b]
+            out[s] = Timeline(t0[sel], t1[sel], nb[sel]).peak_in(a, b)
         return out
 
 
