@@ -1,6 +1,11 @@
-"""Walks of the autograd graph (pure: they read nodes, write nothing but a memo in node metadata)."""
+"""Walks of the autograd graph and of call arguments (pure: they read, and write nothing but a memo in node
+metadata)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
 
 _UPSTREAM = "gradprobe.upstream"
 
@@ -50,3 +55,20 @@ def newest_seq(roots):
     """The largest autograd sequence number among the roots' nodes (None: no node)."""
     seqs = [r.grad_fn._sequence_nr() for r in roots if getattr(r, "grad_fn", None) is not None]
     return max(seqs) if seqs else None
+
+
+def tensors_in(obj, limit: int | None = None) -> list:
+    """The tensors in `obj`, in order: a tensor, or inside tuples, lists and mappings (dicts, HF `ModelOutput`),
+    nested; other objects (caches, configs) are not looked into. At most `limit` objects are looked at
+    (None: all)."""
+    found, stack, seen = [], [obj], 0
+    while stack and (limit is None or seen < limit):
+        o = stack.pop()
+        seen += 1
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+        elif isinstance(o, (tuple, list)):
+            stack.extend(reversed(o))
+        elif isinstance(o, Mapping):
+            stack.extend(reversed(list(o.values())))
+    return found

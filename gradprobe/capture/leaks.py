@@ -116,19 +116,9 @@ def _line(f):
     return f"{shown}:{f.f_lineno}" if shown else None
 
 
-def carried_in(args, step: int, step_seq) -> bool:
-    """A forward root call given a tensor of an earlier step's graph."""
-    stack = list(args)
-    n = 0
-    while stack and n < 64:
-        a = stack.pop()
-        n += 1
-        if isinstance(a, torch.Tensor):
-            if a.requires_grad and older(a, step, step_seq):
-                return True
-        elif isinstance(a, (list, tuple)):
-            stack.extend(a)
-    return False
+def carried_in(tensors, step: int, step_seq) -> bool:
+    """A forward root call given a tensor of an earlier step's graph (`tensors`: its arguments' tensors)."""
+    return any(t.requires_grad and older(t, step, step_seq) for t in tensors)
 
 
 def leak_row(lg, step: int, carry, cached: dict) -> dict:

@@ -19,10 +19,11 @@ import time
 import torch
 
 from .procmem import rss as _procmem_rss
+from .graph import tensors_in
 from .leaks import carried_in, leak_row
 from .memlog import BACKWARD, DROPPED, RETAINED, SavedLog
 from .memops import Inplace, after_op, inplace_write
-from .savedkinds import Kinds, arg_keys, key_of
+from .savedkinds import Kinds, key_of, keys_of
 from .sites import checkpoint_region, site
 
 log = logging.getLogger("gradprobe")
@@ -106,9 +107,10 @@ class MemoryCollector:
         try:
             self.group = None
             self.root_site = site() if torch.is_grad_enabled() else None
-            self.root_keys = arg_keys(args, {})
+            tensors = tensors_in(args)  # walked once: the root's inputs, and whether one is carried over
+            self.root_keys = keys_of(tensors)
             p = self.probe
-            if self.root_site is not None and carried_in(args, p.step_idx, self.step_seq):
+            if self.root_site is not None and carried_in(tensors, p.step_idx, self.step_seq):
                 self.carry = (self.root_site, None, p.step_idx)
             self.path.check_shadowed()
         except Exception:

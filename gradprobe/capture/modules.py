@@ -9,10 +9,9 @@ torch-function mode aside so that PyTorch's fused fast paths run as without the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
+from .graph import tensors_in
 from .sites import checkpoint_call, in_torch_internals, site
 
 
@@ -106,7 +105,7 @@ class ModuleStack:
         p = self.probe
         if info is not None and info.params and p.detail and p.grads and f.grad and not p.busy:
             with torch._C.DisableTorchFunction():  # our attribute reads need not pass through the mode
-                p.flow.hook_output(info, out if isinstance(out, torch.Tensor) else _tensors(out))
+                p.flow.hook_output(info, out if isinstance(out, torch.Tensor) else tuple(tensors_in(out, 64)))
 
     def _no_grad_call(self, module, info) -> None:
         """A tracked module with trainable parameters called where no graph is built: one cut."""
@@ -133,22 +132,6 @@ class ModuleStack:
     def clear(self) -> None:
         self.frames.clear()
         self.depth = 0
-
-
-def _tensors(out, limit: int = 64) -> tuple:
-    """The tensors of a module's output: a tensor, or inside tuples, lists and mappings (dicts, HF
-    `ModelOutput`), nested; other objects (caches) are not outputs a gradient arrives at."""
-    found, stack, seen = [], [out], 0
-    while stack and seen < limit:
-        o = stack.pop()
-        seen += 1
-        if isinstance(o, torch.Tensor):
-            found.append(o)
-        elif isinstance(o, (tuple, list)):
-            stack.extend(reversed(o))
-        elif isinstance(o, Mapping):
-            stack.extend(reversed(list(o.values())))
-    return tuple(found)
 
 
 def _requires_grad(tracked) -> bool:

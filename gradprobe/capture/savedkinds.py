@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .graph import tensors_in
+
 
 class Kinds:
     def __init__(self, probe) -> None:
@@ -75,19 +77,19 @@ def key_of(t, ptr=None):
     return ptr if not t.is_cuda else (ptr, t.get_device())
 
 
-def arg_keys(args, kwargs) -> set:
+def keys_of(tensors) -> set:
+    """Storage keys of tensors (those without a storage of their own left out)."""
     keys = set()
-    stack = list(args) + list(kwargs.values())
-    while stack:
-        a = stack.pop()
-        if isinstance(a, torch.Tensor):
-            try:
-                keys.add(key_of(a))
-            except Exception:
-                pass
-        elif isinstance(a, (list, tuple)):
-            stack.extend(a)
+    for t in tensors:
+        try:
+            keys.add(key_of(t))
+        except Exception:
+            pass
     return keys
+
+
+def arg_keys(args, kwargs) -> set:
+    return keys_of(tensors_in((args, kwargs)))
 
 
 def _add(keys: dict, t, what) -> None:
