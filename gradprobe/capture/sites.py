@@ -159,12 +159,19 @@ def _custom_function_forward(frame) -> bool:
     return False
 
 
+_CHECKPOINT = _TORCH + "utils" + os.sep + "checkpoint.py"
+
+
+def _in_checkpoint_file(f) -> bool:
+    name = f.f_code.co_filename
+    return name.endswith("checkpoint.py") and os.path.abspath(name) == _CHECKPOINT
+
+
 def checkpoint_call(depth: int = 1):
     """Inside reentrant checkpoint's forward: (site of the user's `checkpoint(...)` call, its tensor inputs)."""
     f = sys._getframe(depth)
-    ckpt = _TORCH + "utils" + os.sep + "checkpoint.py"
     while f is not None:
-        if f.f_code.co_name == "forward" and os.path.abspath(f.f_code.co_filename) == ckpt:
+        if f.f_code.co_name == "forward" and _in_checkpoint_file(f):
             args = f.f_locals.get("args", ())
             g = _first_user(f.f_back)
             return (None if g is None else _where(g)), [a for a in args if isinstance(a, torch.Tensor)]
@@ -176,10 +183,9 @@ def checkpoint_region(depth: int = 1) -> str | None:
     """Inside `torch.utils.checkpoint` (any schedule): the site of the user's outermost `checkpoint(...)` call
     (through frameworks such as transformers, the user's line that called into them); else None."""
     f = sys._getframe(depth)
-    ckpt = _TORCH + "utils" + os.sep + "checkpoint.py"
     outer = None
     while f is not None:
-        if f.f_code.co_filename.endswith("checkpoint.py") and os.path.abspath(f.f_code.co_filename) == ckpt:
+        if _in_checkpoint_file(f):
             outer = f
         f = f.f_back
     g = None if outer is None else _first_user(outer.f_back)
